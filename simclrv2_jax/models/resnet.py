@@ -1,0 +1,226 @@
+"""The (SK-)ResNet family of SimCLRv2: post-activation ResNets, optionally selective-kernel.
+
+Depths 18/34 use basic blocks, 50/101/152/200 bottleneck blocks. ``width_multiplier`` scales every
+channel count (fractional values such as 0.25 give small models for CPU work). ``sk_ratio > 0`` turns
+on selective-kernel 3x3 convs in bottleneck blocks and the ResNet-D stem and shortcut, as in the
+paper's "SK1" models. Basic blocks keep plain 3x3 convs (the release has no SK basic block) but do
+take the ResNet-D shortcut when ``sk_ratio > 0``.
+
+``fine_tune_after_block = k`` (0 = stem, 1..4 = block groups) freezes everything up to and including
+part k: its output is wrapped in ``stop_gradient`` and its batch norms run in inference mode, so
+neither the weights nor the BN statistics move. ``-1`` trains everything.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclrv2_jax.models.layers import (
+    BATCH_NORM_DECAY,
+    BNReLU,
+    Conv,
+    SKConv,
+    SqueezeExcite,
+    fixed_padding,
+)
+
+BLOCK_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("basic", (2, 2, 2, 2)),
+    34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)),
+    101: ("bottleneck", (3, 4, 23, 3)),
+    152: ("bottleneck", (3, 8, 36, 3)),
+    200: ("bottleneck", (3, 24, 36, 3)),
+}
+
+ENDPOINT_NAMES = (
+    "initial_conv",
+    "initial_max_pool",
+    "block_group1",
+    "block_group2",
+    "block_group3",
+    "block_group4",
+    "final_avg_pool",
+)
+
+
+def scaled_width(base: int, width_multiplier: float) -> int:
+    """Channel count ``base * width_multiplier`` as an integer (at least 1)."""
+    return max(1, int(base * width_multiplier))
+
+
+class Shortcut(nn.Module):
+    """Projection shortcut: 1x1/s conv + BN, or ResNet-D (avg-pool then 1x1/1 conv + BN) with SK."""
+
+    features: int
+    strides: int
+    resnet_d: bool
+    num_groups: int = 1
+    momentum: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        if self.resnet_d:
+            if self.strides > 1:
+                pad = fixed_padding(2)
+                x = jnp.pad(x, ((0, 0), pad, pad, (0, 0)))
+                x = nn.avg_pool(x, (2, 2), strides=(self.strides,) * 2, padding="VALID")
+            else:
+                # TF's SAME average pooling divides by the number of real (unpadded) inputs.
+                x = nn.avg_pool(x, (2, 2), strides=(1, 1), padding="SAME", count_include_pad=False)
+            x = Conv(self.features, 1, 1, dtype=self.dtype, name="conv")(x)
+        else:
+            x = Conv(self.features, 1, self.strides, dtype=self.dtype, name="conv")(x)
+        return BNReLU(relu=False, num_groups=self.num_groups, momentum=self.momentum,
+                      dtype=self.dtype, name="bn")(x, train)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; the last BN starts at gamma 0."""
+
+    features: int
+    strides: int
+    use_projection: bool
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    num_groups: int = 1
+    momentum: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
+        shortcut = x
+        if self.use_projection:
+            shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, **bn, name="shortcut")(x, train)
+        y = Conv(self.features, 3, self.strides, dtype=self.dtype, name="conv_0")(x)
+        y = BNReLU(**bn, name="bn_0")(y, train)
+        y = Conv(self.features, 3, 1, dtype=self.dtype, name="conv_1")(y)
+        y = BNReLU(relu=False, zero_init=True, **bn, name="bn_1")(y, train)
+        if self.se_ratio > 0:
+            y = SqueezeExcite(self.features, self.se_ratio, dtype=self.dtype, name="se")(y)
+        return nn.relu(y + shortcut)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 -> 3x3/s (or SK) -> 1x1 (4x filters); the last BN starts at gamma 0."""
+
+    features: int
+    strides: int
+    use_projection: bool
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    num_groups: int = 1
+    momentum: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
+        shortcut = x
+        if self.use_projection:
+            shortcut = Shortcut(4 * self.features, self.strides, self.sk_ratio > 0, **bn,
+                                name="shortcut")(x, train)
+        y = Conv(self.features, 1, 1, dtype=self.dtype, name="conv_0")(x)
+        y = BNReLU(**bn, name="bn_0")(y, train)
+        if self.sk_ratio > 0:
+            y = SKConv(self.features, self.strides, self.sk_ratio, **bn, name="sk_conv")(y, train)
+        else:
+            y = Conv(self.features, 3, self.strides, dtype=self.dtype, name="conv_1")(y)
+            y = BNReLU(**bn, name="bn_1")(y, train)
+        y = Conv(4 * self.features, 1, 1, dtype=self.dtype, name="conv_2")(y)
+        y = BNReLU(relu=False, zero_init=True, **bn, name="bn_2")(y, train)
+        if self.se_ratio > 0:
+            y = SqueezeExcite(self.features, self.se_ratio, dtype=self.dtype, name="se")(y)
+        return nn.relu(y + shortcut)
+
+
+class Stem(nn.Module):
+    """ImageNet stem (7x7/2 conv, max-pool), ResNet-D stem with SK, or the CIFAR stem (3x3/1)."""
+
+    width_multiplier: float
+    sk_ratio: float = 0.0
+    cifar_stem: bool = False
+    num_groups: int = 1
+    momentum: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
+        width = scaled_width(64, self.width_multiplier)
+        if self.cifar_stem:
+            x = Conv(width, 3, 1, dtype=self.dtype, name="conv_0")(x)
+            x = BNReLU(**bn, name="bn_0")(x, train)
+            return x, x
+        if self.sk_ratio > 0:
+            x = Conv(width // 2, 3, 2, dtype=self.dtype, name="conv_0")(x)
+            x = BNReLU(**bn, name="bn_0")(x, train)
+            x = Conv(width // 2, 3, 1, dtype=self.dtype, name="conv_1")(x)
+            x = BNReLU(**bn, name="bn_1")(x, train)
+            x = Conv(width, 3, 1, dtype=self.dtype, name="conv_2")(x)
+            x = BNReLU(**bn, name="bn_2")(x, train)
+        else:
+            x = Conv(width, 7, 2, dtype=self.dtype, name="conv_0")(x)
+            x = BNReLU(**bn, name="bn_0")(x, train)
+        initial_conv = x
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+        return initial_conv, x
+
+
+class ResNet(nn.Module):
+    """Backbone returning ``(h, endpoints)``; ``h`` is the global-average-pooled feature."""
+
+    depth: int = 50
+    width_multiplier: float = 1.0
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    cifar_stem: bool = False
+    fine_tune_after_block: int = -1
+    num_groups: int = 1
+    momentum: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if self.depth not in BLOCK_SPECS:
+            raise ValueError(f"resnet_depth={self.depth} is not supported; use one of {sorted(BLOCK_SPECS)}.")
+        kind, counts = BLOCK_SPECS[self.depth]
+        block_cls = BasicBlock if kind == "basic" else BottleneckBlock
+        bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
+
+        def part_train(part: int) -> bool:
+            return train and part > self.fine_tune_after_block
+
+        def maybe_freeze(part: int, y: jax.Array) -> jax.Array:
+            return jax.lax.stop_gradient(y) if part <= self.fine_tune_after_block else y
+
+        endpoints: dict[str, jax.Array] = {}
+        x = x.astype(self.dtype)
+        initial_conv, x = Stem(self.width_multiplier, self.sk_ratio, self.cifar_stem, **bn,
+                               name="stem")(x, part_train(0))
+        endpoints["initial_conv"] = initial_conv
+        endpoints["initial_max_pool"] = x
+        x = maybe_freeze(0, x)
+        for group, (count, stride) in enumerate(zip(counts, (1, 2, 2, 2)), start=1):
+            features = scaled_width(64 * 2 ** (group - 1), self.width_multiplier)
+            for i in range(count):
+                x = block_cls(
+                    features,
+                    stride if i == 0 else 1,
+                    use_projection=(i == 0),
+                    sk_ratio=self.sk_ratio,
+                    se_ratio=self.se_ratio,
+                    **bn,
+                    name=f"block_group{group}_{i}",
+                )(x, part_train(group))
+            endpoints[f"block_group{group}"] = x
+            x = maybe_freeze(group, x)
+        h = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        endpoints["final_avg_pool"] = h
+        return h, endpoints

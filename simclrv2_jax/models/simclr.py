@@ -1,0 +1,96 @@
+"""The whole SimCLRv2 model: backbone + projection head + supervised head.
+
+Two head modes share one parameter layout (``backbone``, ``head_projection``, ``head_supervised``),
+so a stage's checkpoint restores into the next stage by name:
+
+* ``pretrain``: the full projection head gives ``z = hiddens[-1]`` for the contrastive loss; with
+  ``lineareval_while_pretraining`` the supervised head is trained at the same time on
+  ``stop_gradient(h)``, so no label information reaches the representation.
+* ``finetune``: only the projection-head layers up to ``ft_proj_selector`` are built; the supervised
+  head reads ``hiddens[ft_proj_selector]`` (0 = backbone output, 1 = after the first head layer, the
+  SimCLRv2 choice, -1 = the last layer). Distillation students use this mode too.
+
+The model returns a dict of named features: the backbone endpoints, ``proj_head_input``,
+``proj_head_output`` and ``logits_sup``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from simclrv2_jax.models.heads import ProjectionHead, SupervisedHead, kept_head_layers
+from simclrv2_jax.models.layers import BATCH_NORM_DECAY
+from simclrv2_jax.models.resnet import ResNet
+
+HEAD_MODES = ("pretrain", "finetune")
+
+
+class SimCLRModel(nn.Module):
+    resnet_depth: int = 50
+    width_multiplier: float = 1.0
+    sk_ratio: float = 0.0
+    se_ratio: float = 0.0
+    cifar_stem: bool = False
+    proj_head_mode: str = "nonlinear"
+    num_proj_layers: int = 3
+    proj_out_dim: int = 128
+    ft_proj_selector: int = 0
+    num_classes: int = 1000
+    head_mode: str = "pretrain"
+    lineareval_while_pretraining: bool = True
+    zero_init_logits_layer: bool = False
+    fine_tune_after_block: int = -1
+    num_bn_groups: int = 1
+    batch_norm_decay: float = BATCH_NORM_DECAY
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
+        if self.head_mode not in HEAD_MODES:
+            raise ValueError(f"head_mode={self.head_mode!r} is not one of {HEAD_MODES}.")
+        h, outputs = ResNet(
+            depth=self.resnet_depth,
+            width_multiplier=self.width_multiplier,
+            sk_ratio=self.sk_ratio,
+            se_ratio=self.se_ratio,
+            cifar_stem=self.cifar_stem,
+            fine_tune_after_block=self.fine_tune_after_block if self.head_mode == "finetune" else -1,
+            num_groups=self.num_bn_groups,
+            momentum=self.batch_norm_decay,
+            dtype=self.dtype,
+            name="backbone",
+        )(images, train)
+        outputs = dict(outputs)
+        outputs["proj_head_input"] = h
+        if self.head_mode == "pretrain":
+            num_layers = None
+        else:
+            num_layers = kept_head_layers(self.proj_head_mode, self.num_proj_layers, self.ft_proj_selector)
+        # With every backbone part frozen, the projection head is what fine-tuning trains first; the
+        # release keeps it trainable, and so do we.
+        hiddens = ProjectionHead(
+            proj_head_mode=self.proj_head_mode,
+            num_proj_layers=self.num_proj_layers,
+            proj_out_dim=self.proj_out_dim,
+            num_layers=num_layers,
+            num_groups=self.num_bn_groups,
+            momentum=self.batch_norm_decay,
+            dtype=self.dtype,
+            name="head_projection",
+        )(h, train)
+        outputs["hiddens"] = hiddens
+        supervised = SupervisedHead(self.num_classes, zero_init=self.zero_init_logits_layer,
+                                    dtype=self.dtype, name="head_supervised")
+        if self.head_mode == "pretrain":
+            outputs["proj_head_output"] = hiddens[-1]
+            if self.lineareval_while_pretraining:
+                outputs["logits_sup"] = supervised(jax.lax.stop_gradient(h))
+        else:
+            feature = hiddens[-1]  # == hiddens[ft_proj_selector]: later layers were not built
+            outputs["proj_head_output"] = feature
+            outputs["logits_sup"] = supervised(feature)
+        return outputs

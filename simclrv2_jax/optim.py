@@ -1,0 +1,213 @@
+"""Optimisers, parameter masks and learning-rate schedules of SimCLRv2.
+
+Parameter naming convention (fixed by the model code, Flax Linen param trees of nested dicts):
+  * weights that receive weight decay and the LARS trust ratio are leaves named `kernel` whose path
+    does not pass through a module named `head_supervised`;
+  * BatchNorm parameters are every leaf named `scale` (only normalisation layers have one) and the
+    leaves named `bias` whose parent module's name contains `bn` or `BatchNorm` (the model names
+    its BN modules `bn`; Flax's default name for `nn.BatchNorm` is `BatchNorm_<i>`);
+  * dense / conv biases are leaves named `bias`.
+The official release selects variables by the substrings 'batch_normalization', 'bias' and
+'head_supervised' of their TF names; the rules above pick out the same sets in a Flax tree.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+OPTIMIZERS = ("lars", "momentum", "adam")
+LR_SCALINGS = ("linear", "sqrt")
+SUPERVISED_HEAD = "head_supervised"
+
+
+def get_train_steps(num_examples: int, train_epochs: float, batch_size: int,
+                    train_steps: int = 0) -> int:
+    """Number of optimiser steps: `train_steps` if given (> 0), else epochs * examples // B + 1."""
+    if train_steps and train_steps > 0:
+        return int(train_steps)
+    return int(num_examples * train_epochs // batch_size + 1)
+
+
+def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: str) -> float:
+    """'linear': lr * B / 256 (Goyal et al.); 'sqrt': lr * sqrt(B) (SimCLR's choice for LARS)."""
+    if scaling == "linear":
+        return base_learning_rate * batch_size / 256.0
+    if scaling == "sqrt":
+        return base_learning_rate * math.sqrt(batch_size)
+    raise ValueError(
+        f"Unknown learning_rate_scaling {scaling!r}; expected one of {LR_SCALINGS}.")
+
+
+def learning_rate_schedule(
+    *,
+    base_learning_rate: float,
+    batch_size: int,
+    num_examples: int,
+    learning_rate_scaling: str,
+    warmup_epochs: float,
+    total_steps: int,
+) -> optax.Schedule:
+    """Linear warmup from 0 then cosine decay to 0, as the official release computes it.
+
+    warmup_steps = int(round(warmup_epochs * num_examples // batch_size)); during warmup
+    lr(step) = step / warmup_steps * scaled_lr, so the very first step uses lr 0. From warmup_steps
+    on,
+    lr(step) = scaled_lr * 0.5 * (1 + cos(pi * min(step - warmup_steps, D) / D)) with
+    D = total_steps - warmup_steps (tf.train.cosine_decay with alpha 0), i.e. the cosine spans only
+    the steps after warmup and reaches 0 at total_steps, staying there afterwards. D is clamped to at
+    least 1 so a warmup as long as the run does not divide by zero.
+    """
+    scaled_lr = scaled_learning_rate(base_learning_rate, batch_size, learning_rate_scaling)
+    warmup_steps = int(round(warmup_epochs * num_examples // batch_size))
+    decay_steps = max(int(total_steps) - warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if warmup_steps > 0:
+            warmup_lr = step / warmup_steps * scaled_lr
+        else:
+            warmup_lr = jnp.asarray(scaled_lr, jnp.float32)
+        progress = jnp.clip(step - warmup_steps, 0.0, decay_steps) / decay_steps
+        cosine_lr = scaled_lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < warmup_steps, warmup_lr, cosine_lr).astype(jnp.float32)
+
+    return schedule
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def _path_names(path: tuple) -> tuple[str, ...]:
+    return tuple(_key_name(e) for e in path)
+
+
+def decay_mask(params: PyTree) -> PyTree:
+    """Same-structure tree of bools: True for weights that get weight decay and the trust ratio.
+
+    Those are the `kernel` leaves outside the supervised head. BN parameters, biases and the
+    supervised head are excluded from both (the head gets an L2 term in the loss instead, see
+    `weight_decay_loss`).
+    """
+    def is_decayed(path, _):
+        names = _path_names(path)
+        return names[-1] == "kernel" and SUPERVISED_HEAD not in names[:-1]
+
+    return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+
+def _is_batch_norm_param(names: tuple[str, ...]) -> bool:
+    if names[-1] == "scale":
+        return True
+    if names[-1] == "bias" and len(names) > 1:
+        parent = names[-2]
+        return "bn" in parent or "BatchNorm" in parent
+    return False
+
+
+def lars(
+    learning_rate: Union[float, optax.Schedule],
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    mask: Union[PyTree, Callable[[PyTree], PyTree]] = decay_mask,
+) -> optax.GradientTransformation:
+    """LARS as in the official SimCLR release (classic momentum, no Nesterov).
+
+    Per variable w with gradient g: g += wd * w where decayed; trust = eeta * ||w|| / ||g|| where
+    adapted and both norms > 0, else 1; v = momentum * v + lr * trust * g; w -= v.
+
+    This is exactly `optax.lars` (checked against optax 0.2.8's source): it chains
+    add_decayed_weights -> masked scale_by_trust_ratio (norm of the *decayed* gradient, same
+    zero-norm fallback to 1, eps 0) -> scale by -lr(count) -> trace(momentum). optax's trace holds
+    -v, so updates and parameters agree term by term, including a learning rate that changes per
+    step, since lr multiplies the gradient before it enters the trace, as in the official code.
+    The same mask drives decay and trust ratio, as the official exclusion lists are the same.
+    """
+    return optax.lars(
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        weight_decay_mask=mask,
+        trust_coefficient=trust_coefficient,
+        eps=0.0,
+        trust_ratio_mask=mask,
+        momentum=momentum,
+        nesterov=False,
+    )
+
+
+def make_optimizer(
+    *,
+    optimizer: str,
+    learning_rate: Union[float, optax.Schedule],
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    params_or_mask: Union[PyTree, Callable[[PyTree], PyTree], None] = None,
+) -> optax.GradientTransformation:
+    """Builds the optimiser named by the config field `optimizer`.
+
+    Args:
+      optimizer: 'lars' (weight decay inside the optimiser, on `decay_mask` leaves), 'momentum'
+        (SGD with Nesterov momentum, as the official tf.train.MomentumOptimizer(use_nesterov=True)) or
+        'adam'. For the latter two, weight decay belongs in the loss (`weight_decay_loss`).
+      learning_rate: a float or an optax schedule (evaluated at the optimiser's step count).
+      momentum: momentum of 'lars' and 'momentum'.
+      weight_decay: used by 'lars' only.
+      params_or_mask: for 'lars', the params tree (the mask is derived with `decay_mask`), a
+        ready-made tree of bools, or a callable params -> mask; None uses `decay_mask` on the fly.
+    """
+    if optimizer == "lars":
+        if params_or_mask is None or callable(params_or_mask):
+            mask = params_or_mask or decay_mask
+        elif all(isinstance(x, (bool, np.bool_)) for x in jax.tree_util.tree_leaves(params_or_mask)):
+            mask = params_or_mask
+        else:
+            mask = decay_mask(params_or_mask)
+        return lars(learning_rate, momentum=momentum, weight_decay=weight_decay, mask=mask)
+    if optimizer == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+    if optimizer == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}.")
+
+
+def weight_decay_loss(params: PyTree, *, weight_decay: float, optimizer: str) -> jax.Array:
+    """The L2 term added to the loss, as the official `add_weight_decay`.
+
+    'lars' decays the backbone and projection head itself, so the loss only carries
+    weight_decay * sum(||k||^2 / 2) over the supervised head's kernels. Other optimisers have no
+    decay of their own: every parameter except BatchNorm's (see the module docstring) is decayed
+    through the loss, biases included, as the official code does.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}.")
+
+    def term(path, leaf):
+        names = _path_names(path)
+        if optimizer == "lars":
+            keep = names[-1] == "kernel" and SUPERVISED_HEAD in names[:-1]
+        else:
+            keep = not _is_batch_norm_param(names)
+        if not keep:
+            return jnp.zeros([], jnp.float32)
+        return 0.5 * jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+
+    terms = jax.tree_util.tree_leaves(jax.tree_util.tree_map_with_path(term, params))
+    return weight_decay * sum(terms, jnp.zeros([], jnp.float32))
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+    """sqrt of the sum of squares of every leaf (float32), e.g. for logging gradient norms."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.sqrt(sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
+                        jnp.zeros([], jnp.float32)))
