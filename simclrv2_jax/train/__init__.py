@@ -1,0 +1,24 @@
+"""Training: the shared loop and each stage's step functions."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ml_collections
+
+STAGE_MODULES = {"pretrain": "simclrv2_jax.train.pretrain", "finetune": "simclrv2_jax.train.finetune",
+                 "distill": "simclrv2_jax.train.distill"}
+
+
+def train_stage(config: ml_collections.ConfigDict, workdir: str, mesh=None, **loop_kwargs: Any) -> dict:
+    """Validates ``config`` and trains its stage in ``workdir`` (resuming if it holds a checkpoint)."""
+    from simclrv2_jax import parallel
+    from simclrv2_jax.configs.base import validate
+    from simclrv2_jax.train import loop
+
+    validate(config)
+    mesh = mesh or parallel.create_mesh()
+    module = importlib.import_module(STAGE_MODULES[config.stage])
+    task = module.build(config, mesh)
+    return loop.run(task, workdir, mesh=mesh, **loop_kwargs)

@@ -1,0 +1,82 @@
+"""Distillation configs: ``get_config("imagenet")``, ``"imagenet,r50_1x_sk0"`` (a smaller student),
+``"fashion_mnist"``.
+
+The paper distils for 400 epochs on all ImageNet training images with crop + flip, temperature 1
+(their best setting) and the teacher's labels only (``alpha = 0``). The student's architecture is the
+config's model fields (a preset token picks it); the teacher's comes from the config saved beside
+``teacher_checkpoint``. ``init_student_from_teacher`` starts a same-size student from the teacher
+(self-distillation). The optimiser settings follow pretraining's LARS recipe, which the paper reuses.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from simclrv2_jax.configs.base import apply_model_preset, base_config, parse_preset_arg
+from simclrv2_jax.configs.finetune import finetune_fields
+
+
+def imagenet(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "imagenet2012"
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 224
+    apply_model_preset(c, "r50_1x_sk0")
+    c.train_batch_size = 4096
+    c.train_epochs = 400
+    c.learning_rate = 0.1
+    c.learning_rate_scaling = "sqrt"
+    c.warmup_epochs = 5.0
+    c.weight_decay = 1e-4
+    c.label_fraction = 0.01
+    c.eval_batch_size = 1024
+    c.checkpoint_steps = 5000
+
+
+def cifar10(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "cifar10"
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 32
+    apply_model_preset(c, "r18_cifar")
+    c.train_batch_size = 512
+    c.train_epochs = 100
+    c.learning_rate = 1.0
+    c.learning_rate_scaling = "linear"
+    c.warmup_epochs = 5.0
+    c.weight_decay = 1e-4
+    c.label_fraction = 0.1
+    c.eval_batch_size = 1000
+
+
+def fashion_mnist(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "fashion_mnist"
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 28
+    apply_model_preset(c, "r18_0.25x")
+    c.train_batch_size = 256
+    c.train_epochs = 2
+    c.learning_rate = 1.0
+    c.learning_rate_scaling = "linear"
+    c.warmup_epochs = 0.2
+    c.weight_decay = 1e-4
+    c.label_fraction = 0.01
+    c.eval_batch_size = 1000
+    c.checkpoint_steps = 200
+    c.log_every_steps = 25
+
+
+DATASET_PRESETS = {"imagenet": imagenet, "cifar10": cifar10, "fashion_mnist": fashion_mnist}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.stage = "distill"
+    finetune_fields(c)
+    c.teacher_checkpoint = ""
+    c.temperature = 1.0
+    c.alpha = 0.0
+    c.init_student_from_teacher = False
+    parse_preset_arg(arg, DATASET_PRESETS, "fashion_mnist", c)
+    return c

@@ -1,0 +1,89 @@
+"""Pretraining configs: ``get_config("imagenet,r50_2x_sk1")``, ``"cifar10"``, ``"fashion_mnist"``.
+
+* ``imagenet``: the paper's settings -- batch 4096, 800 epochs, LARS lr 0.1*sqrt(B) = 6.4, weight
+  decay 1e-4, temperature 0.1, 3-layer head, warmup 5% of the epochs, colour strength 1.0 + blur.
+* ``cifar10``: the public CIFAR-10 recipe -- ResNet-18 with the CIFAR stem, batch 512, 1000 epochs,
+  lr 1.0 with linear scaling, weight decay 1e-4, temperature 0.5, colour strength 0.5, no blur.
+* ``fashion_mnist`` (default): a run sized for a 2-core CPU on the offline Fashion-MNIST package.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from simclrv2_jax.configs.base import apply_model_preset, base_config, parse_preset_arg
+
+
+def imagenet(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "imagenet2012"
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.image_size = 224
+    apply_model_preset(c, "r50_1x_sk0")
+    c.train_batch_size = 4096
+    c.train_epochs = 800
+    c.learning_rate = 0.1
+    c.learning_rate_scaling = "sqrt"
+    c.warmup_epochs = 40.0
+    c.weight_decay = 1e-4
+    c.temperature = 0.1
+    c.color_jitter_strength = 1.0
+    c.use_blur = True
+    c.eval_batch_size = 1024
+    c.checkpoint_steps = 5000
+    c.eval_every_steps = 25000
+    c.log_every_steps = 100
+
+
+def cifar10(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "cifar10"
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 32
+    apply_model_preset(c, "r18_cifar")
+    c.train_batch_size = 512
+    c.train_epochs = 1000
+    c.learning_rate = 1.0
+    c.learning_rate_scaling = "linear"
+    c.warmup_epochs = 10.0
+    c.weight_decay = 1e-4
+    c.temperature = 0.5
+    c.color_jitter_strength = 0.5
+    c.use_blur = False
+    c.eval_batch_size = 1000
+    c.checkpoint_steps = 2000
+    c.eval_every_steps = 10000
+
+
+def fashion_mnist(c: ml_collections.ConfigDict) -> None:
+    c.dataset = "fashion_mnist"
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 28
+    apply_model_preset(c, "r18_0.25x")
+    c.train_batch_size = 256
+    c.train_epochs = 10
+    c.learning_rate = 1.0
+    c.learning_rate_scaling = "linear"
+    c.warmup_epochs = 1.0
+    c.weight_decay = 1e-4
+    c.temperature = 0.5
+    c.color_jitter_strength = 0.5
+    c.use_blur = False
+    c.eval_batch_size = 1000
+    c.checkpoint_steps = 200
+    c.log_every_steps = 25
+
+
+DATASET_PRESETS = {"imagenet": imagenet, "cifar10": cifar10, "fashion_mnist": fashion_mnist}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = base_config()
+    c.stage = "pretrain"
+    c.temperature = 0.1
+    c.hidden_norm = True
+    c.lineareval_while_pretraining = True
+    c.ft_proj_selector = 0
+    parse_preset_arg(arg, DATASET_PRESETS, "fashion_mnist", c)
+    return c

@@ -1,0 +1,48 @@
+"""Runs one stage: ``python -m simclrv2_jax.main --config=configs/pretrain.py:fashion_mnist --workdir=DIR``.
+
+Any config field can be overridden, e.g. ``--config.train_steps=50 --config.train_batch_size=64``;
+unknown fields are refused. Running the same command again resumes from the workdir's latest
+checkpoint. The stage is the config's ``stage`` field (pretrain, finetune or distill).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file[:presets].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from simclrv2_jax import parallel
+    from simclrv2_jax.checkpoints import CheckpointError
+    from simclrv2_jax.data.sources import hide_accelerators_from_tf
+    from simclrv2_jax.train import train_stage
+
+    hide_accelerators_from_tf()
+    parallel.initialize_distributed()
+    try:
+        results = train_stage(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        # A user's mistake (config, data, checkpoint): one clear message, no JAX/TF traceback.
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
+        return 130
+    logging.info("Done: %s", {k: v for k, v in results.items() if k != "state"})
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
