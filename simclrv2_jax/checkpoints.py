@@ -90,7 +90,7 @@ def _reader(directory: epath.Path) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory, item_handlers={"state": ocp.PyTreeCheckpointHandler(),
                                   "config": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True))
+        options=ocp.CheckpointManagerOptions(create=False))
 
 
 def read_config(path: str) -> dict[str, Any]:

@@ -23,6 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from simclrv2_jax.cli import configure_logging
+
+    configure_logging()
     from simclrv2_jax import parallel
     from simclrv2_jax.checkpoints import CheckpointError
     from simclrv2_jax.data.sources import hide_accelerators_from_tf
@@ -34,15 +37,16 @@ def main(argv: list[str]) -> int:
         results = train_stage(_CONFIG.value, _WORKDIR.value)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         # A user's mistake (config, data, checkpoint): one clear message, no JAX/TF traceback.
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
+        print("Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
         return 130
     logging.info("Done: %s", {k: v for k, v in results.items() if k != "state"})
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from simclrv2_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers, metrics, periodic_actions
+from etils import epath
 from jax.sharding import Mesh
 
 from simclrv2_jax import parallel
@@ -78,13 +78,30 @@ def evaluate(task: Task, state: TrainState, eval_fn: Callable, sharding) -> dict
     return {k: float(v) / count for k, v in totals.items()}
 
 
-def _write_json(path: str, payload: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _write_json(path: epath.Path, payload: dict) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+
+
+class _History:
+    """``history.jsonl``: one JSON line per logged step, what the pipeline plots.
+
+    Rewritten whole on every log (object stores such as gs:// cannot append); lines of steps after the
+    resumed step are dropped, so a resumed run does not repeat them.
+    """
+
+    def __init__(self, path: epath.Path, start_step: int) -> None:
+        self.path = path
+        self.rows: list[str] = []
+        if path.exists():
+            self.rows = [line for line in path.read_text().splitlines()
+                         if line.strip() and json.loads(line)["step"] <= start_step]
+
+    def add(self, step: int, record: dict[str, float]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.rows.append(json.dumps({"step": step, **record}))
+        self.path.write_text("\n".join(self.rows) + "\n")
 
 
 def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
@@ -95,7 +112,8 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     parallel.local_batch_size(config.train_batch_size, mesh)
     if task.eval_data is not None:
         parallel.local_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
-    os.makedirs(workdir, exist_ok=True)
+    workdir_path = epath.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
     def init() -> TrainState:
@@ -116,7 +134,7 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         state = jax.jit(init, out_shardings=state_sharding)()
         if task.initialize is not None:
             state = task.initialize(state)
-    _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    _write_json(workdir_path / "config.json", config.to_dict())
     start_step = int(jax.device_get(state.step))
     total = task.total_steps
 
@@ -127,8 +145,11 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         eval_fn = jax.jit(task.eval_step, in_shardings=(state_sharding, data, *task.extra_shardings),
                           out_shardings=rep)
 
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0,
-                                                  asynchronous=True)
+    # TensorBoard only: the loop logs its own one-line summary, clu's LoggingWriter would repeat it.
+    if jax.process_index() == 0:
+        writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+    else:
+        writer = metric_writers.MultiWriter([])
     if start_step == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items()
                               if isinstance(v, (int, float, str, bool))})
@@ -137,8 +158,7 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     if config.get("profile", False) and jax.process_index() == 0:
         hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
                                               first_profile=start_step + 10))
-    history_path = os.path.join(workdir, "history.jsonl")
-    history = open(history_path, "a") if jax.process_index() == 0 else None
+    history = _History(workdir_path / "history.jsonl", start_step)
 
     logging.info("%s: steps %d -> %d, global batch %d over %d device(s)", task.name, start_step, total,
                  config.train_batch_size, mesh.devices.size)
@@ -151,9 +171,7 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
 
     def log_record(step: int, record: dict[str, float]) -> None:
         writer.write_scalars(step, record)
-        if history is not None:
-            history.write(json.dumps({"step": step, **record}) + "\n")
-            history.flush()
+        history.add(step, record)
 
     try:
         with _StopRequested() as stop:
@@ -192,8 +210,6 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         checkpointer.wait_until_finished()
         checkpointer.close()
         writer.flush()
-        if history is not None:
-            history.close()
         raise
 
     if eval_fn is not None:
@@ -206,13 +222,13 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     checkpointer.close()
     writer.flush()
     writer.close()
-    if history is not None:
-        history.close()
     elapsed = time.time() - t_start
     steps_run = step - start_step
     results = {
         "stage": task.name,
         "final_step": step,
+        "total_steps": total,
+        "completed": step >= total,
         "train": train_summary,
         "eval": eval_summary,
         "wall_time_s": elapsed,
@@ -221,6 +237,6 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         "devices": int(mesh.devices.size),
         **task.info,
     }
-    _write_json(os.path.join(workdir, "results.json"), results)
+    _write_json(workdir_path / "results.json", results)
     results["state"] = state
     return results
