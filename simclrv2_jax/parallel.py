@@ -23,13 +23,15 @@ def initialize_distributed() -> None:
     """Joins a multi-host job when the environment describes one (TPU pod, SLURM, explicit env).
 
     ``jax.distributed.initialize()`` discovers TPU pod slices and SLURM jobs by itself; for other
-    clusters set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. On CPU,
+    clusters set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+    ``SIMCLR_DISTRIBUTED=1`` forces the call (``launch/tpu.sh`` sets it on pod slices). On CPU,
     several processes on one machine need ``jax_cpu_collectives_implementation='gloo'``.
     """
     if jax.distributed.is_initialized():
         return
     explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    on_cluster = explicit or "TPU_WORKER_HOSTNAMES" in os.environ or "SLURM_JOB_ID" in os.environ
+    on_cluster = (explicit or os.environ.get("SIMCLR_DISTRIBUTED") == "1" or "TPU_WORKER_HOSTNAMES" in os.environ
+                  or "SLURM_JOB_ID" in os.environ)
     if not on_cluster:
         return
     if explicit and os.environ.get("JAX_PLATFORMS", "") == "cpu":

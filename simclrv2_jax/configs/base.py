@@ -50,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Optimisation.
     c.train_batch_size = 256
-    c.train_epochs = 100
+    c.train_epochs = 100.0
     c.train_steps = 0  # > 0 overrides train_epochs
     c.learning_rate = 0.3
     c.learning_rate_scaling = "linear"

@@ -179,6 +179,10 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
                 batch = next(train_iter)
                 state, step_metrics = train_fn(state, batch, *task.extra)
                 step += 1
+                if collected:
+                    # At most one step in flight: progress and ETA measure compute, not dispatch, and
+                    # the host never queues up an unbounded number of batches.
+                    jax.block_until_ready(collected[-1])
                 collected.append(step_metrics)
                 for hook in hooks:
                     hook(step)
