@@ -20,6 +20,7 @@ epoch are read but stay encoded, never decoded or augmented).
 
 TF runs on the CPU only: it must not reserve accelerator memory that JAX needs.
 """
+
 import collections
 import itertools
 import math
@@ -33,11 +34,11 @@ from simclrv2_jax.data import augment
 from simclrv2_jax.data import sources
 
 # Defensive: sources already does this, but the pipeline is what runs next to JAX.
-for _kind in ('GPU', 'TPU'):
-  try:
-    tf.config.set_visible_devices([], _kind)
-  except (RuntimeError, ValueError):
-    pass
+for _kind in ("GPU", "TPU"):
+    try:
+        tf.config.set_visible_devices([], _kind)
+    except (RuntimeError, ValueError):
+        pass
 
 # Separate streams so that the order of examples and their augmentation are independent.
 _ORDER_STREAM = 0x0DE5
@@ -47,209 +48,273 @@ Preprocess = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
 
 def _fold(seed: tf.Tensor, *data) -> tf.Tensor:
-  for d in data:
-    seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(d, tf.int64))
-  return seed
+    for d in data:
+        seed = tf.random.experimental.stateless_fold_in(seed, tf.cast(d, tf.int64))
+    return seed
 
 
 def order_seed(seed: int, epoch, process_index: int) -> tf.Tensor:
-  """The ``[2]`` int64 seed of the visiting order of one epoch on one process."""
-  return _fold(tf.constant([seed, _ORDER_STREAM], tf.int64), epoch, process_index)
+    """The ``[2]`` int64 seed of the visiting order of one epoch on one process."""
+    return _fold(tf.constant([seed, _ORDER_STREAM], tf.int64), epoch, process_index)
 
 
 def augmentation_seed(seed: int, epoch, position, process_index: int) -> tf.Tensor:
-  """The ``[2]`` int64 seed that augments the element at ``position`` of ``epoch``."""
-  return _fold(tf.constant([seed, _AUGMENT_STREAM], tf.int64), epoch, position, process_index)
+    """The ``[2]`` int64 seed that augments the element at ``position`` of ``epoch``."""
+    return _fold(tf.constant([seed, _AUGMENT_STREAM], tf.int64), epoch, position, process_index)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, process_index: int = 0) -> np.ndarray:
-  """Order in which an in-memory shard of ``n`` examples is visited in ``epoch`` (for tests and
-  inspection; the pipeline computes the same thing element by element)."""
-  positions = tf.range(n, dtype=tf.int64)
-  return tf.random.experimental.index_shuffle(
-      positions, order_seed(seed, epoch, process_index), tf.constant(n - 1, tf.int64)).numpy()
+    """Order in which an in-memory shard of ``n`` examples is visited in ``epoch`` (for tests and
+    inspection; the pipeline computes the same thing element by element)."""
+    positions = tf.range(n, dtype=tf.int64)
+    return tf.random.experimental.index_shuffle(
+        positions, order_seed(seed, epoch, process_index), tf.constant(n - 1, tf.int64)
+    ).numpy()
 
 
 def _check_process(process_index: int, process_count: int) -> None:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f'Need 0 <= process_index < process_count, got {process_index} and '
-                     f'{process_count}.')
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}.")
 
 
 def _positions(source: sources.DataSource, split: str, indices) -> Optional[np.ndarray]:
-  if indices is None:
-    return None
-  n = source.num_examples(split)
-  positions = np.unique(np.asarray(indices, np.int64))
-  if len(positions) and (positions[0] < 0 or positions[-1] >= n):
-    raise ValueError(f'indices must lie in [0, {n}) for split {split!r} of {source.name!r}.')
-  return positions
+    if indices is None:
+        return None
+    n = source.num_examples(split)
+    positions = np.unique(np.asarray(indices, np.int64))
+    if len(positions) and (positions[0] < 0 or positions[-1] >= n):
+        raise ValueError(f"indices must lie in [0, {n}) for split {split!r} of {source.name!r}.")
+    return positions
 
 
 def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  return options
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
 
 
 def _in_memory_examples(source, split, positions, start, seed, process_index, process_count):
-  images, labels = source.arrays(split)
-  if positions is None:
-    positions = np.arange(len(labels), dtype=np.int64)
-  # Strided over the (possibly subset) positions, so shard sizes differ by at most one.
-  local = positions[process_index::process_count]
-  n_local = len(local)
-  if n_local == 0:
-    raise ValueError(f'Process {process_index} of {process_count} gets no examples of '
-                     f'{source.name!r}/{split} ({len(positions)} selected).')
-  images_t = tf.constant(images[local])
-  labels_t = tf.constant(labels[local])
-  n_t = tf.constant(n_local, tf.int64)
+    images, labels = source.arrays(split)
+    if positions is None:
+        positions = np.arange(len(labels), dtype=np.int64)
+    # Strided over the (possibly subset) positions, so shard sizes differ by at most one.
+    local = positions[process_index::process_count]
+    n_local = len(local)
+    if n_local == 0:
+        raise ValueError(
+            f"Process {process_index} of {process_count} gets no examples of "
+            f"{source.name!r}/{split} ({len(positions)} selected)."
+        )
+    images_t = tf.constant(images[local])
+    labels_t = tf.constant(labels[local])
+    n_t = tf.constant(n_local, tf.int64)
 
-  def element(t):
-    epoch, position = t // n_t, t % n_t
-    j = tf.random.experimental.index_shuffle(
-        position, order_seed(seed, epoch, process_index), n_t - 1)
-    return {'image': tf.gather(images_t, j), 'label': tf.gather(labels_t, j),
-            'epoch': epoch, 'position': position}
+    def element(t):
+        epoch, position = t // n_t, t % n_t
+        j = tf.random.experimental.index_shuffle(position, order_seed(seed, epoch, process_index), n_t - 1)
+        return {
+            "image": tf.gather(images_t, j),
+            "label": tf.gather(labels_t, j),
+            "epoch": epoch,
+            "position": position,
+        }
 
-  return tf.data.Dataset.counter(start).map(element, num_parallel_calls=tf.data.AUTOTUNE,
-                                            deterministic=True)
-
-
-def _streaming_examples(source, split, positions, start, seed, process_index, process_count,
-                        local_batch_size, shuffle_buffer):
-  # Without an index filter the canonical order is not needed: read files in parallel.
-  shard = source.load(split, shard_index=process_index, num_shards=process_count, decode=False,
-                      ordered=positions is not None)
-  shard_indices = source.shard_bounds(split, process_index, process_count)
-  n_local = len(shard_indices)
-  if positions is not None:
-    keep = np.zeros(source.num_examples(split), bool)
-    keep[positions] = True
-    n_local = int(keep[shard_indices].sum())
-    keep_t = tf.constant(keep)
-    shard = shard.filter(lambda ex: tf.gather(keep_t, ex['index']))
-  if n_local == 0:
-    raise ValueError(f'Process {process_index} of {process_count} gets no examples of '
-                     f'{source.name!r}/{split}.')
-  if shuffle_buffer is None:
-    # As the official input (50 local batches), at least 10k, never more than the shard.
-    shuffle_buffer = max(10_000, 50 * local_batch_size)
-  shuffle_buffer = min(shuffle_buffer, n_local)
-  first_epoch, first_skip = divmod(start, n_local)
-
-  def epoch_examples(epoch):
-    shuffle_seed = tf.random.stateless_uniform(
-        [], seed=order_seed(seed, epoch, process_index), minval=0, maxval=2**62, dtype=tf.int64)
-    ds = shard.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    skip = tf.where(epoch == first_epoch, tf.constant(first_skip, tf.int64),
-                    tf.constant(0, tf.int64))
-    ds = ds.enumerate().skip(skip)
-    return ds.map(lambda position, ex: {'image': ex['image'], 'label': ex['label'],
-                                        'epoch': epoch, 'position': position})
-
-  return tf.data.Dataset.counter(first_epoch).flat_map(epoch_examples)
+    return tf.data.Dataset.counter(start).map(
+        element, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
 
-def train_dataset(source: sources.DataSource, split: str, *, local_batch_size: int, seed: int,
-                  start_step: int = 0, num_views: int, image_size: int, preprocess: Preprocess,
-                  process_index: int = 0, process_count: int = 1, indices=None,
-                  shuffle_buffer: Optional[int] = None) -> tf.data.Dataset:
-  """Infinite training batches of this process: ``image`` float32 ``[b, H, W, C]`` (or
-  ``[b, num_views, H, W, C]`` when ``num_views > 1``), ``label`` int32 ``[b]``, ``mask`` float32
-  ``[b]`` (all ones).
+def _streaming_examples(
+    source, split, positions, start, seed, process_index, process_count, local_batch_size, shuffle_buffer
+):
+    # Without an index filter the canonical order is not needed: read files in parallel.
+    shard = source.load(
+        split,
+        shard_index=process_index,
+        num_shards=process_count,
+        decode=False,
+        ordered=positions is not None,
+    )
+    shard_indices = source.shard_bounds(split, process_index, process_count)
+    n_local = len(shard_indices)
+    if positions is not None:
+        keep = np.zeros(source.num_examples(split), bool)
+        keep[positions] = True
+        n_local = int(keep[shard_indices].sum())
+        keep_t = tf.constant(keep)
+        shard = shard.filter(lambda ex: tf.gather(keep_t, ex["index"]))
+    if n_local == 0:
+        raise ValueError(
+            f"Process {process_index} of {process_count} gets no examples of {source.name!r}/{split}."
+        )
+    if shuffle_buffer is None:
+        # As the official input (50 local batches), at least 10k, never more than the shard.
+        shuffle_buffer = max(10_000, 50 * local_batch_size)
+    shuffle_buffer = min(shuffle_buffer, n_local)
+    first_epoch, first_skip = divmod(start, n_local)
 
-  ``preprocess(image, seed)`` maps a float32 ``[h, w, C]`` image in [0, 1] and a ``[2]`` seed to
-  a ``[image_size, image_size, C]`` view. ``indices`` restricts the split to those examples (label
-  fractions). ``start_step`` resumes exactly; see the module docstring. ``shuffle_buffer`` only
-  matters for streaming sources.
-  """
-  _check_process(process_index, process_count)
-  if local_batch_size < 1 or num_views < 1 or start_step < 0:
-    raise ValueError(f'Need local_batch_size >= 1, num_views >= 1, start_step >= 0; got '
-                     f'{local_batch_size}, {num_views}, {start_step}.')
-  positions = _positions(source, split, indices)
-  start = start_step * local_batch_size
-  if source.in_memory:
-    examples = _in_memory_examples(source, split, positions, start, seed, process_index,
-                                   process_count)
-  else:
-    examples = _streaming_examples(source, split, positions, start, seed, process_index,
-                                   process_count, local_batch_size, shuffle_buffer)
-  channels = source.image_shape[-1]
+    def epoch_examples(epoch):
+        shuffle_seed = tf.random.stateless_uniform(
+            [], seed=order_seed(seed, epoch, process_index), minval=0, maxval=2**62, dtype=tf.int64
+        )
+        ds = shard.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        skip = tf.where(epoch == first_epoch, tf.constant(first_skip, tf.int64), tf.constant(0, tf.int64))
+        ds = ds.enumerate().skip(skip)
+        return ds.map(
+            lambda position, ex: {
+                "image": ex["image"],
+                "label": ex["label"],
+                "epoch": epoch,
+                "position": position,
+            }
+        )
 
-  def make_views(ex):
-    image = tf.cast(source.decode_image(ex['image']), tf.float32) / 255.0
-    view_seeds = tf.random.experimental.stateless_split(
-        augmentation_seed(seed, ex['epoch'], ex['position'], process_index), num=num_views)
-    views = [tf.ensure_shape(preprocess(image, view_seeds[v]), [image_size, image_size, channels])
-             for v in range(num_views)]
-    return {'image': views[0] if num_views == 1 else tf.stack(views),
-            'label': tf.cast(ex['label'], tf.int32), 'mask': tf.constant(1.0, tf.float32)}
-
-  ds = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def num_eval_batches(source: sources.DataSource, split: str, *, local_batch_size: int,
-                     process_count: int = 1) -> int:
-  """Batches every process yields in one eval pass (the largest shard, rounded up)."""
-  per_process = math.ceil(source.num_examples(split) / process_count)
-  return math.ceil(per_process / local_batch_size)
-
-
-def eval_dataset(source: sources.DataSource, split: str, *, local_batch_size: int,
-                 image_size: int, process_index: int = 0, process_count: int = 1,
-                 crop: bool = True) -> tf.data.Dataset:
-  """One pass over this process's shard with eval preprocessing, padded to
-  ``num_eval_batches`` full batches. Keys: ``image``, ``label`` int32, ``mask`` float32 (0 on
-  padding, so metrics summed with the mask are exact over the whole split) and ``index`` int32
-  (the example's position in the split, -1 on padding)."""
-  _check_process(process_index, process_count)
-  batches = num_eval_batches(source, split, local_batch_size=local_batch_size,
-                             process_count=process_count)
-  channels = source.image_shape[-1]
-
-  def prepare(ex):
-    image = tf.cast(ex['image'], tf.float32) / 255.0
-    image = augment.preprocess_for_eval(image, height=image_size, width=image_size, crop=crop)
-    return {'image': image, 'label': tf.cast(ex['label'], tf.int32),
-            'mask': tf.constant(1.0, tf.float32), 'index': tf.cast(ex['index'], tf.int32)}
-
-  padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([image_size, image_size, channels], tf.float32),
-      'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32),
-      'index': tf.constant(-1, tf.int32)}).repeat()
-  ds = source.load(split, shard_index=process_index, num_shards=process_count)
-  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  ds = ds.concatenate(padding).take(batches * local_batch_size)
-  ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return tf.data.Dataset.counter(first_epoch).flat_map(epoch_examples)
 
 
-def make_global_batch(local_batch: Dict[str, np.ndarray],
-                      sharding: jax.sharding.Sharding) -> Dict[str, jax.Array]:
-  """Global arrays, sharded on the leading (batch) axis, from every process's local batch."""
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+def train_dataset(
+    source: sources.DataSource,
+    split: str,
+    *,
+    local_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    num_views: int,
+    image_size: int,
+    preprocess: Preprocess,
+    process_index: int = 0,
+    process_count: int = 1,
+    indices=None,
+    shuffle_buffer: Optional[int] = None,
+) -> tf.data.Dataset:
+    """Infinite training batches of this process: ``image`` float32 ``[b, H, W, C]`` (or
+    ``[b, num_views, H, W, C]`` when ``num_views > 1``), ``label`` int32 ``[b]``, ``mask`` float32
+    ``[b]`` (all ones).
+
+    ``preprocess(image, seed)`` maps a float32 ``[h, w, C]`` image in [0, 1] and a ``[2]`` seed to
+    a ``[image_size, image_size, C]`` view. ``indices`` restricts the split to those examples (label
+    fractions). ``start_step`` resumes exactly; see the module docstring. ``shuffle_buffer`` only
+    matters for streaming sources.
+    """
+    _check_process(process_index, process_count)
+    if local_batch_size < 1 or num_views < 1 or start_step < 0:
+        raise ValueError(
+            f"Need local_batch_size >= 1, num_views >= 1, start_step >= 0; got "
+            f"{local_batch_size}, {num_views}, {start_step}."
+        )
+    positions = _positions(source, split, indices)
+    start = start_step * local_batch_size
+    if source.in_memory:
+        examples = _in_memory_examples(source, split, positions, start, seed, process_index, process_count)
+    else:
+        examples = _streaming_examples(
+            source,
+            split,
+            positions,
+            start,
+            seed,
+            process_index,
+            process_count,
+            local_batch_size,
+            shuffle_buffer,
+        )
+    channels = source.image_shape[-1]
+
+    def make_views(ex):
+        image = tf.cast(source.decode_image(ex["image"]), tf.float32) / 255.0
+        view_seeds = tf.random.experimental.stateless_split(
+            augmentation_seed(seed, ex["epoch"], ex["position"], process_index), num=num_views
+        )
+        views = [
+            tf.ensure_shape(preprocess(image, view_seeds[v]), [image_size, image_size, channels])
+            for v in range(num_views)
+        ]
+        return {
+            "image": views[0] if num_views == 1 else tf.stack(views),
+            "label": tf.cast(ex["label"], tf.int32),
+            "mask": tf.constant(1.0, tf.float32),
+        }
+
+    ds = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def global_iterator(ds, sharding: jax.sharding.Sharding, *,
-                    prefetch: int = 2) -> Iterator[Dict[str, jax.Array]]:
-  """Global batches from a tf.data dataset (or any iterable of local batches).
+def num_eval_batches(
+    source: sources.DataSource, split: str, *, local_batch_size: int, process_count: int = 1
+) -> int:
+    """Batches every process yields in one eval pass (the largest shard, rounded up)."""
+    per_process = math.ceil(source.num_examples(split) / process_count)
+    return math.ceil(per_process / local_batch_size)
 
-  Keeps ``prefetch`` batches already transferred, so host-to-device copies overlap the step.
-  """
-  iterator: Iterable = ds.as_numpy_iterator() if isinstance(ds, tf.data.Dataset) else iter(ds)
-  queue = collections.deque()
 
-  def enqueue(n):
-    for batch in itertools.islice(iterator, n):
-      queue.append(make_global_batch(batch, sharding))
+def eval_dataset(
+    source: sources.DataSource,
+    split: str,
+    *,
+    local_batch_size: int,
+    image_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    crop: bool = True,
+) -> tf.data.Dataset:
+    """One pass over this process's shard with eval preprocessing, padded to
+    ``num_eval_batches`` full batches. Keys: ``image``, ``label`` int32, ``mask`` float32 (0 on
+    padding, so metrics summed with the mask are exact over the whole split) and ``index`` int32
+    (the example's position in the split, -1 on padding)."""
+    _check_process(process_index, process_count)
+    batches = num_eval_batches(source, split, local_batch_size=local_batch_size, process_count=process_count)
+    channels = source.image_shape[-1]
 
-  enqueue(max(1, prefetch))
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
+    def prepare(ex):
+        image = tf.cast(ex["image"], tf.float32) / 255.0
+        image = augment.preprocess_for_eval(image, height=image_size, width=image_size, crop=crop)
+        return {
+            "image": image,
+            "label": tf.cast(ex["label"], tf.int32),
+            "mask": tf.constant(1.0, tf.float32),
+            "index": tf.cast(ex["index"], tf.int32),
+        }
+
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros([image_size, image_size, channels], tf.float32),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0.0, tf.float32),
+            "index": tf.constant(-1, tf.int32),
+        }
+    ).repeat()
+    ds = source.load(split, shard_index=process_index, num_shards=process_count)
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.concatenate(padding).take(batches * local_batch_size)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def make_global_batch(
+    local_batch: Dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> Dict[str, jax.Array]:
+    """Global arrays, sharded on the leading (batch) axis, from every process's local batch."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
+    )
+
+
+def global_iterator(
+    ds, sharding: jax.sharding.Sharding, *, prefetch: int = 2
+) -> Iterator[Dict[str, jax.Array]]:
+    """Global batches from a tf.data dataset (or any iterable of local batches).
+
+    Keeps ``prefetch`` batches already transferred, so host-to-device copies overlap the step.
+    """
+    iterator: Iterable = ds.as_numpy_iterator() if isinstance(ds, tf.data.Dataset) else iter(ds)
+    queue = collections.deque()
+
+    def enqueue(n):
+        for batch in itertools.islice(iterator, n):
+            queue.append(make_global_batch(batch, sharding))
+
+    enqueue(max(1, prefetch))
+    while queue:
+        yield queue.popleft()
+        enqueue(1)

@@ -14,6 +14,7 @@ Single-channel images are tiled to 3 channels, so that the same model, the same 
 augmentations and the same published checkpoints apply to every data set (colour jitter and
 grayscale on a tiled image only move brightness/contrast, as they would on a gray photograph).
 """
+
 import dataclasses
 import gzip
 import logging
@@ -26,213 +27,236 @@ import tensorflow as tf
 
 
 def hide_accelerators_from_tf() -> None:
-  """Keeps TF on the CPU so it never reserves GPU/TPU memory that JAX needs."""
-  for kind in ('GPU', 'TPU'):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):
-      # Already initialised (too late to change) or no such device type: nothing to hide.
-      pass
+    """Keeps TF on the CPU so it never reserves GPU/TPU memory that JAX needs."""
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):
+            # Already initialised (too late to change) or no such device type: nothing to hide.
+            pass
 
 
 hide_accelerators_from_tf()
 
-FASHION_MNIST = 'fashion_mnist'
+FASHION_MNIST = "fashion_mnist"
 # The Debian package `dataset-fashion-mnist` installs the original IDX files here.
-DEFAULT_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FASHION_MNIST_FILES = {
-    'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
-    'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # Data sets at most this big (examples and pixels per side) are loaded into memory.
 MAX_IN_MEMORY_EXAMPLES = 200_000
 MAX_IN_MEMORY_SIDE = 64
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
-               0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
 
 
 def _to_three_channels(images: np.ndarray) -> np.ndarray:
-  if images.ndim == 3:
-    images = images[..., None]
-  if images.shape[-1] == 1:
-    images = np.repeat(images, 3, axis=-1)
-  return np.ascontiguousarray(images, dtype=np.uint8)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    return np.ascontiguousarray(images, dtype=np.uint8)
 
 
 class DataSource:
-  """Base class; use ``get_source``. Attributes: ``name``, ``num_classes``, ``image_shape``
-  (H, W, C after the 3-channel conversion; H and W are None for variable-size images) and
-  ``in_memory``."""
+    """Base class; use ``get_source``. Attributes: ``name``, ``num_classes``, ``image_shape``
+    (H, W, C after the 3-channel conversion; H and W are None for variable-size images) and
+    ``in_memory``."""
 
-  name: str
-  num_classes: int
-  image_shape: Tuple[Optional[int], Optional[int], int]
-  in_memory: bool
+    name: str
+    num_classes: int
+    image_shape: Tuple[Optional[int], Optional[int], int]
+    in_memory: bool
 
-  @property
-  def splits(self) -> Tuple[str, ...]:
-    raise NotImplementedError
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        raise NotImplementedError
 
-  def _check_split(self, split: str) -> None:
-    if split not in self.splits:
-      raise ValueError(f'Data set {self.name!r} has no split {split!r}; '
-                       f'available: {", ".join(self.splits)}.')
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(
+                f"Data set {self.name!r} has no split {split!r}; available: {', '.join(self.splits)}."
+            )
 
-  def num_examples(self, split: str) -> int:
-    raise NotImplementedError
+    def num_examples(self, split: str) -> int:
+        raise NotImplementedError
 
-  def load(self, split: str, *, shard_index: int = 0, num_shards: int = 1,
-           decode: bool = True, ordered: bool = True) -> tf.data.Dataset:
-    """The split (or one shard of it) in canonical order; see the module docstring.
+    def load(
+        self,
+        split: str,
+        *,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        decode: bool = True,
+        ordered: bool = True,
+    ) -> tf.data.Dataset:
+        """The split (or one shard of it) in canonical order; see the module docstring.
 
-    With ``decode=False`` the image may be left in a source-specific encoded form; pass it through
-    ``decode_image`` to get the uint8 ``[H, W, C]`` image. ``ordered=False`` lets a streaming
-    source read several files at once (faster, still deterministic, the same examples) at the
-    price of ``index`` no longer being the canonical position.
-    """
-    raise NotImplementedError
+        With ``decode=False`` the image may be left in a source-specific encoded form; pass it through
+        ``decode_image`` to get the uint8 ``[H, W, C]`` image. ``ordered=False`` lets a streaming
+        source read several files at once (faster, still deterministic, the same examples) at the
+        price of ``index`` no longer being the canonical position.
+        """
+        raise NotImplementedError
 
-  def decode_image(self, image: tf.Tensor) -> tf.Tensor:
-    return image
+    def decode_image(self, image: tf.Tensor) -> tf.Tensor:
+        return image
 
-  def labels(self, split: str) -> np.ndarray:
-    raise NotImplementedError
+    def labels(self, split: str) -> np.ndarray:
+        raise NotImplementedError
 
-  def arrays(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
-    raise TypeError(f'Data set {self.name!r} is streamed from files, not held in memory.')
+    def arrays(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
+        raise TypeError(f"Data set {self.name!r} is streamed from files, not held in memory.")
 
-  def shard_bounds(self, split: str, shard_index: int, num_shards: int) -> np.ndarray:
-    """Example indices of one shard, as ``load(split, shard_index=..., num_shards=...)`` reads."""
-    raise NotImplementedError
+    def shard_bounds(self, split: str, shard_index: int, num_shards: int) -> np.ndarray:
+        """Example indices of one shard, as ``load(split, shard_index=..., num_shards=...)`` reads."""
+        raise NotImplementedError
 
 
 def _check_shard(shard_index: int, num_shards: int) -> None:
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f'shard_index must be in [0, {num_shards}), got {shard_index}.')
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
 
 
 @dataclasses.dataclass(eq=False)
 class InMemorySource(DataSource):
-  """A data set held as NumPy arrays: ``data[split] = (images uint8 [N, H, W, C], labels [N])``.
+    """A data set held as NumPy arrays: ``data[split] = (images uint8 [N, H, W, C], labels [N])``.
 
-  Shards are strided (example ``i`` goes to shard ``i % num_shards``), so shard sizes differ by
-  at most one.
-  """
-  name: str
-  num_classes: int
-  data: Dict[str, Tuple[np.ndarray, np.ndarray]]
-  in_memory: bool = dataclasses.field(default=True, init=False)
+    Shards are strided (example ``i`` goes to shard ``i % num_shards``), so shard sizes differ by
+    at most one.
+    """
 
-  def __post_init__(self):
-    self.data = {split: (_to_three_channels(images), np.asarray(labels, np.int64))
-                 for split, (images, labels) in self.data.items()}
-    shapes = {images.shape[1:] for images, _ in self.data.values()}
-    if len(shapes) != 1:
-      raise ValueError(f'All splits of {self.name!r} must share one image shape, got {shapes}.')
-    self.image_shape = tuple(int(d) for d in shapes.pop())
+    name: str
+    num_classes: int
+    data: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    in_memory: bool = dataclasses.field(default=True, init=False)
 
-  @property
-  def splits(self):
-    return tuple(self.data)
+    def __post_init__(self):
+        self.data = {
+            split: (_to_three_channels(images), np.asarray(labels, np.int64))
+            for split, (images, labels) in self.data.items()
+        }
+        shapes = {images.shape[1:] for images, _ in self.data.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"All splits of {self.name!r} must share one image shape, got {shapes}.")
+        self.image_shape = tuple(int(d) for d in shapes.pop())
 
-  def num_examples(self, split):
-    self._check_split(split)
-    return len(self.data[split][1])
+    @property
+    def splits(self):
+        return tuple(self.data)
 
-  def arrays(self, split):
-    self._check_split(split)
-    return self.data[split]
+    def num_examples(self, split):
+        self._check_split(split)
+        return len(self.data[split][1])
 
-  def labels(self, split):
-    return self.arrays(split)[1]
+    def arrays(self, split):
+        self._check_split(split)
+        return self.data[split]
 
-  def shard_bounds(self, split, shard_index, num_shards):
-    _check_shard(shard_index, num_shards)
-    return np.arange(shard_index, self.num_examples(split), num_shards, dtype=np.int64)
+    def labels(self, split):
+        return self.arrays(split)[1]
 
-  def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
-    images, labels = self.arrays(split)
-    index = self.shard_bounds(split, shard_index, num_shards)
-    return tf.data.Dataset.from_tensor_slices(
-        {'image': images[index], 'label': labels[index], 'index': index})
+    def shard_bounds(self, split, shard_index, num_shards):
+        _check_shard(shard_index, num_shards)
+        return np.arange(shard_index, self.num_examples(split), num_shards, dtype=np.int64)
+
+    def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
+        images, labels = self.arrays(split)
+        index = self.shard_bounds(split, shard_index, num_shards)
+        return tf.data.Dataset.from_tensor_slices(
+            {"image": images[index], "label": labels[index], "index": index}
+        )
 
 
 class TfdsSource(DataSource):
-  """A prepared tensorflow-datasets data set read from its files (streaming).
+    """A prepared tensorflow-datasets data set read from its files (streaming).
 
-  Shards are contiguous ranges ``[n*i//k, n*(i+1)//k)`` read with tfds absolute slicing, so each
-  process opens only its own part of the files.
-  """
+    Shards are contiguous ranges ``[n*i//k, n*(i+1)//k)`` read with tfds absolute slicing, so each
+    process opens only its own part of the files.
+    """
 
-  def __init__(self, builder, name: Optional[str] = None):
-    self.builder = builder
-    self.name = name or builder.info.full_name
-    keys = builder.info.supervised_keys
-    if not keys or len(keys) != 2:
-      raise ValueError(f'tfds data set {builder.name!r} has no (image, label) supervised keys.')
-    self.image_key, self.label_key = keys
-    features = builder.info.features
-    self.num_classes = int(features[self.label_key].num_classes)
-    height, width, channels = features[self.image_key].shape
-    self._source_channels = int(channels)
-    self.image_shape = (height, width, 3 if channels == 1 else int(channels))
-    self.in_memory = False
+    def __init__(self, builder, name: Optional[str] = None):
+        self.builder = builder
+        self.name = name or builder.info.full_name
+        keys = builder.info.supervised_keys
+        if not keys or len(keys) != 2:
+            raise ValueError(f"tfds data set {builder.name!r} has no (image, label) supervised keys.")
+        self.image_key, self.label_key = keys
+        features = builder.info.features
+        self.num_classes = int(features[self.label_key].num_classes)
+        height, width, channels = features[self.image_key].shape
+        self._source_channels = int(channels)
+        self.image_shape = (height, width, 3 if channels == 1 else int(channels))
+        self.in_memory = False
 
-  @property
-  def splits(self):
-    return tuple(self.builder.info.splits.keys())
+    @property
+    def splits(self):
+        return tuple(self.builder.info.splits.keys())
 
-  def num_examples(self, split):
-    self._check_split(split)
-    return int(self.builder.info.splits[split].num_examples)
+    def num_examples(self, split):
+        self._check_split(split)
+        return int(self.builder.info.splits[split].num_examples)
 
-  def shard_bounds(self, split, shard_index, num_shards):
-    _check_shard(shard_index, num_shards)
-    n = self.num_examples(split)
-    return np.arange(n * shard_index // num_shards, n * (shard_index + 1) // num_shards,
-                     dtype=np.int64)
+    def shard_bounds(self, split, shard_index, num_shards):
+        _check_shard(shard_index, num_shards)
+        n = self.num_examples(split)
+        return np.arange(n * shard_index // num_shards, n * (shard_index + 1) // num_shards, dtype=np.int64)
 
-  def _read(self, split, shard_index, num_shards, decoders, ordered=True):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    bounds = self.shard_bounds(split, shard_index, num_shards)
-    start = int(bounds[0]) if len(bounds) else 0
-    sliced = f'{split}[{start}:{start + len(bounds)}]'
-    # tfds interleaves 16 files by default, which makes the order depend on how the split is
-    # sliced; one file at a time keeps positions canonical, so shards agree with labels().
-    read_config = tfds.ReadConfig(try_autocache=False,
-                                  interleave_cycle_length=1 if ordered else 16)
-    ds = self.builder.as_dataset(split=sliced, shuffle_files=False, decoders=decoders,
-                                 read_config=read_config)
-    return ds.enumerate(start=start)
+    def _read(self, split, shard_index, num_shards, decoders, ordered=True):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    decoders = None if decode else {self.image_key: tfds.decode.SkipDecoding()}
-    ds = self._read(split, shard_index, num_shards, decoders, ordered)
+        bounds = self.shard_bounds(split, shard_index, num_shards)
+        start = int(bounds[0]) if len(bounds) else 0
+        sliced = f"{split}[{start}:{start + len(bounds)}]"
+        # tfds interleaves 16 files by default, which makes the order depend on how the split is
+        # sliced; one file at a time keeps positions canonical, so shards agree with labels().
+        read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1 if ordered else 16)
+        ds = self.builder.as_dataset(
+            split=sliced, shuffle_files=False, decoders=decoders, read_config=read_config
+        )
+        return ds.enumerate(start=start)
 
-    def convert(index, example):
-      image = example[self.image_key]
-      if decode:
-        image = self.decode_image(image, already_decoded=True)
-      return {'image': image, 'label': tf.cast(example[self.label_key], tf.int64),
-              'index': tf.cast(index, tf.int64)}
+    def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        decoders = None if decode else {self.image_key: tfds.decode.SkipDecoding()}
+        ds = self._read(split, shard_index, num_shards, decoders, ordered)
 
-  def decode_image(self, image, already_decoded=False):
-    if not already_decoded:
-      image = self.builder.info.features[self.image_key].decode_example(image)
-    if self._source_channels == 1:
-      image = tf.tile(image, [1, 1, 3])
-    return image
+        def convert(index, example):
+            image = example[self.image_key]
+            if decode:
+                image = self.decode_image(image, already_decoded=True)
+            return {
+                "image": image,
+                "label": tf.cast(example[self.label_key], tf.int64),
+                "index": tf.cast(index, tf.int64),
+            }
 
-  def labels(self, split):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    # Skipping image decoding makes this a fast scan even for ImageNet.
-    ds = self._read(split, 0, 1, {self.image_key: tfds.decode.SkipDecoding()})
-    ds = ds.map(lambda _, ex: ex[self.label_key]).batch(65536)
-    return np.concatenate([np.asarray(x, np.int64) for x in ds.as_numpy_iterator()])
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+    def decode_image(self, image, already_decoded=False):
+        if not already_decoded:
+            image = self.builder.info.features[self.image_key].decode_example(image)
+        if self._source_channels == 1:
+            image = tf.tile(image, [1, 1, 3])
+        return image
+
+    def labels(self, split):
+        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+        # Skipping image decoding makes this a fast scan even for ImageNet.
+        ds = self._read(split, 0, 1, {self.image_key: tfds.decode.SkipDecoding()})
+        ds = ds.map(lambda _, ex: ex[self.label_key]).batch(65536)
+        return np.concatenate([np.asarray(x, np.int64) for x in ds.as_numpy_iterator()])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,48 +264,53 @@ class TfdsSource(DataSource):
 
 
 def read_idx(path: str) -> np.ndarray:
-  """Reads a (gzipped) IDX file: 2 zero bytes, a dtype code, ndim, then big-endian uint32 dims."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    data = f.read()
-  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-    raise ValueError(f'{path} is not an IDX file (bad magic number {data[:4]!r}).')
-  dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
-  dims = tuple(int(d) for d in np.frombuffer(data, '>u4', count=ndim, offset=4))
-  offset = 4 + 4 * ndim
-  expected = offset + math.prod(dims) * dtype.itemsize
-  if len(data) != expected:
-    raise ValueError(f'{path}: IDX header announces shape {dims} ({expected} bytes) but the file '
-                     f'holds {len(data)} bytes.')
-  array = np.frombuffer(data, dtype, count=math.prod(dims), offset=offset).reshape(dims)
-  return array.astype(dtype.newbyteorder('='))
+    """Reads a (gzipped) IDX file: 2 zero bytes, a dtype code, ndim, then big-endian uint32 dims."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r}).")
+    dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    offset = 4 + 4 * ndim
+    expected = offset + math.prod(dims) * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(
+            f"{path}: IDX header announces shape {dims} ({expected} bytes) but the file "
+            f"holds {len(data)} bytes."
+        )
+    array = np.frombuffer(data, dtype, count=math.prod(dims), offset=offset).reshape(dims)
+    return array.astype(dtype.newbyteorder("="))
 
 
 def _fashion_mnist_dir(data_dir: Optional[str]) -> str:
-  candidates = ([os.fspath(data_dir)] if data_dir else []) + [DEFAULT_FASHION_MNIST_DIR]
-  needed = [name for pair in _FASHION_MNIST_FILES.values() for name in pair]
-  for directory in candidates:
-    if all(os.path.isfile(os.path.join(directory, name)) for name in needed):
-      return directory
-  raise FileNotFoundError(
-      f'Fashion-MNIST IDX files not found. Looked for {", ".join(needed)} in: '
-      f'{", ".join(candidates)}. Install them with `sudo apt-get install dataset-fashion-mnist` '
-      f'(puts them in {DEFAULT_FASHION_MNIST_DIR}) or pass --config.data_dir=DIR with a '
-      f'directory holding the four files.')
+    candidates = ([os.fspath(data_dir)] if data_dir else []) + [DEFAULT_FASHION_MNIST_DIR]
+    needed = [name for pair in _FASHION_MNIST_FILES.values() for name in pair]
+    for directory in candidates:
+        if all(os.path.isfile(os.path.join(directory, name)) for name in needed):
+            return directory
+    raise FileNotFoundError(
+        f"Fashion-MNIST IDX files not found. Looked for {', '.join(needed)} in: "
+        f"{', '.join(candidates)}. Install them with `sudo apt-get install dataset-fashion-mnist` "
+        f"(puts them in {DEFAULT_FASHION_MNIST_DIR}) or pass --config.data_dir=DIR with a "
+        f"directory holding the four files."
+    )
 
 
 def load_fashion_mnist(data_dir: Optional[str] = None) -> InMemorySource:
-  directory = _fashion_mnist_dir(data_dir)
-  logging.info('Reading Fashion-MNIST from %s', directory)
-  data = {}
-  for split, (image_file, label_file) in _FASHION_MNIST_FILES.items():
-    images = read_idx(os.path.join(directory, image_file))
-    labels = read_idx(os.path.join(directory, label_file))
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-      raise ValueError(f'Fashion-MNIST {split} files in {directory} do not match: images '
-                       f'{images.shape}, labels {labels.shape}.')
-    data[split] = (images, labels)
-  return InMemorySource(name=FASHION_MNIST, num_classes=10, data=data)
+    directory = _fashion_mnist_dir(data_dir)
+    logging.info("Reading Fashion-MNIST from %s", directory)
+    data = {}
+    for split, (image_file, label_file) in _FASHION_MNIST_FILES.items():
+        images = read_idx(os.path.join(directory, image_file))
+        labels = read_idx(os.path.join(directory, label_file))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(
+                f"Fashion-MNIST {split} files in {directory} do not match: images "
+                f"{images.shape}, labels {labels.shape}."
+            )
+        data[split] = (images, labels)
+    return InMemorySource(name=FASHION_MNIST, num_classes=10, data=data)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,100 +318,117 @@ def load_fashion_mnist(data_dir: Optional[str] = None) -> InMemorySource:
 
 
 def _tfds_builder(dataset: str, data_dir: Optional[str]):
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    builder = tfds.builder(dataset, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
-    raise ValueError(f'Unknown data set {dataset!r}: neither {FASHION_MNIST!r} nor a tfds '
-                     f'name (e.g. cifar10, imagenet2012, imagenet2012_subset/1pct).') from e
-  if not builder.is_prepared():
-    where = data_dir or '~/tensorflow_datasets'
-    raise FileNotFoundError(
-        f'tfds data set {dataset!r} is not prepared in {where}. Build it with '
-        f'`tfds build {dataset} --data_dir={where}` (ImageNet needs the archives placed in '
-        f'{where}/downloads/manual first), or point --config.data_dir at a directory where it is.')
-  return builder
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    try:
+        builder = tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(
+            f"Unknown data set {dataset!r}: neither {FASHION_MNIST!r} nor a tfds "
+            f"name (e.g. cifar10, imagenet2012, imagenet2012_subset/1pct)."
+        ) from e
+    if not builder.is_prepared():
+        where = data_dir or "~/tensorflow_datasets"
+        raise FileNotFoundError(
+            f"tfds data set {dataset!r} is not prepared in {where}. Build it with "
+            f"`tfds build {dataset} --data_dir={where}` (ImageNet needs the archives placed in "
+            f"{where}/downloads/manual first), or point --config.data_dir at a directory where it is."
+        )
+    return builder
 
 
 def _fits_in_memory(builder) -> bool:
-  height, width, _ = builder.info.features[builder.info.supervised_keys[0]].shape
-  total = sum(int(s.num_examples) for s in builder.info.splits.values())
-  return (height is not None and width is not None and max(height, width) <= MAX_IN_MEMORY_SIDE
-          and total <= MAX_IN_MEMORY_EXAMPLES)
+    height, width, _ = builder.info.features[builder.info.supervised_keys[0]].shape
+    total = sum(int(s.num_examples) for s in builder.info.splits.values())
+    return (
+        height is not None
+        and width is not None
+        and max(height, width) <= MAX_IN_MEMORY_SIDE
+        and total <= MAX_IN_MEMORY_EXAMPLES
+    )
 
 
 def _tfds_to_memory(source: TfdsSource) -> InMemorySource:
-  data = {}
-  for split in source.splits:
-    images, labels = [], []
-    for batch in source.load(split).batch(4096).as_numpy_iterator():
-      images.append(batch['image'])
-      labels.append(batch['label'])
-    data[split] = (np.concatenate(images), np.concatenate(labels))
-  return InMemorySource(name=source.name, num_classes=source.num_classes, data=data)
+    data = {}
+    for split in source.splits:
+        images, labels = [], []
+        for batch in source.load(split).batch(4096).as_numpy_iterator():
+            images.append(batch["image"])
+            labels.append(batch["label"])
+        data[split] = (np.concatenate(images), np.concatenate(labels))
+    return InMemorySource(name=source.name, num_classes=source.num_classes, data=data)
 
 
-def get_source(dataset: str, data_dir: Optional[str] = None, *,
-               in_memory: Optional[bool] = None) -> DataSource:
-  """The data source named ``dataset``.
+def get_source(
+    dataset: str, data_dir: Optional[str] = None, *, in_memory: Optional[bool] = None
+) -> DataSource:
+    """The data source named ``dataset``.
 
-  ``fashion_mnist`` is read from its IDX files (``data_dir`` when it holds them, else the Debian
-  package's directory). Any other name is a prepared tfds data set in ``data_dir``; small ones are
-  loaded into memory unless ``in_memory`` says otherwise.
-  """
-  if dataset == FASHION_MNIST:
-    if in_memory is False:
-      raise ValueError('Fashion-MNIST is always held in memory.')
-    return load_fashion_mnist(data_dir)
-  source = TfdsSource(_tfds_builder(dataset, data_dir), name=dataset)
-  if in_memory is None:
-    in_memory = _fits_in_memory(source.builder)
-  return _tfds_to_memory(source) if in_memory else source
+    ``fashion_mnist`` is read from its IDX files (``data_dir`` when it holds them, else the Debian
+    package's directory). Any other name is a prepared tfds data set in ``data_dir``; small ones are
+    loaded into memory unless ``in_memory`` says otherwise.
+    """
+    if dataset == FASHION_MNIST:
+        if in_memory is False:
+            raise ValueError("Fashion-MNIST is always held in memory.")
+        return load_fashion_mnist(data_dir)
+    source = TfdsSource(_tfds_builder(dataset, data_dir), name=dataset)
+    if in_memory is None:
+        in_memory = _fits_in_memory(source.builder)
+    return _tfds_to_memory(source) if in_memory else source
 
 
-def label_fraction_subset(labels, *, num_classes: int, fraction: Optional[float] = None,
-                          per_class: Optional[int] = None, seed: int = 0) -> np.ndarray:
-  """Sorted indices of a deterministic class-balanced subset: ``per_class`` examples of each class.
+def label_fraction_subset(
+    labels,
+    *,
+    num_classes: int,
+    fraction: Optional[float] = None,
+    per_class: Optional[int] = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Sorted indices of a deterministic class-balanced subset: ``per_class`` examples of each class.
 
-  With ``fraction``, ``per_class = round(fraction * len(labels) / num_classes)`` (1% of
-  Fashion-MNIST's 60,000 = 60 per class). Each class draws without replacement from its own
-  NumPy ``default_rng((seed, class))`` stream, so a class's choice does not depend on the others.
-  """
-  labels = np.asarray(labels)
-  if (fraction is None) == (per_class is None):
-    raise ValueError('Give exactly one of fraction and per_class.')
-  if fraction is not None:
-    if not 0.0 < fraction <= 1.0:
-      raise ValueError(f'fraction must be in (0, 1], got {fraction}.')
-    per_class = int(round(fraction * len(labels) / num_classes))
-  if per_class <= 0:
-    raise ValueError(f'The subset would hold {per_class} examples per class; use a larger '
-                     f'fraction or per_class.')
-  counts = np.bincount(labels, minlength=num_classes)
-  if len(counts) > num_classes:
-    raise ValueError(f'Labels go up to {len(counts) - 1} but num_classes is {num_classes}.')
-  short = {c: int(n) for c, n in enumerate(counts) if n < per_class}
-  if short:
-    raise ValueError(f'Cannot take {per_class} examples per class: classes {short} '
-                     f'(class: count) have fewer.')
-  chosen = []
-  for c in range(num_classes):
-    members = np.flatnonzero(labels == c)
-    rng = np.random.default_rng((seed, c))
-    chosen.append(rng.choice(members, size=per_class, replace=False))
-  return np.sort(np.concatenate(chosen)).astype(np.int64)
+    With ``fraction``, ``per_class = round(fraction * len(labels) / num_classes)`` (1% of
+    Fashion-MNIST's 60,000 = 60 per class). Each class draws without replacement from its own
+    NumPy ``default_rng((seed, class))`` stream, so a class's choice does not depend on the others.
+    """
+    labels = np.asarray(labels)
+    if (fraction is None) == (per_class is None):
+        raise ValueError("Give exactly one of fraction and per_class.")
+    if fraction is not None:
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        per_class = int(round(fraction * len(labels) / num_classes))
+    if per_class <= 0:
+        raise ValueError(
+            f"The subset would hold {per_class} examples per class; use a larger fraction or per_class."
+        )
+    counts = np.bincount(labels, minlength=num_classes)
+    if len(counts) > num_classes:
+        raise ValueError(f"Labels go up to {len(counts) - 1} but num_classes is {num_classes}.")
+    short = {c: int(n) for c, n in enumerate(counts) if n < per_class}
+    if short:
+        raise ValueError(
+            f"Cannot take {per_class} examples per class: classes {short} (class: count) have fewer."
+        )
+    chosen = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        rng = np.random.default_rng((seed, c))
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 # The official semi-supervised ImageNet image lists ship as tfds configs.
-_IMAGENET_SUBSETS = {0.01: 'imagenet2012_subset/1pct', 0.1: 'imagenet2012_subset/10pct'}
+_IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
 
 
 def labeled_split(dataset: str, label_fraction: float) -> Optional[Tuple[str, str]]:
-  """``(tfds_name, split)`` of the official labeled subset, or None (then use
-  ``label_fraction_subset``). Only ImageNet 1% and 10% have official lists."""
-  if dataset != 'imagenet2012':
+    """``(tfds_name, split)`` of the official labeled subset, or None (then use
+    ``label_fraction_subset``). Only ImageNet 1% and 10% have official lists."""
+    if dataset != "imagenet2012":
+        return None
+    for fraction, name in _IMAGENET_SUBSETS.items():
+        if math.isclose(label_fraction, fraction):
+            return name, "train"
     return None
-  for fraction, name in _IMAGENET_SUBSETS.items():
-    if math.isclose(label_fraction, fraction):
-      return name, 'train'
-  return None
