@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh
 
 from simclrv2_jax import optim, parallel
-from simclrv2_jax.data import augment, pipeline, sources
+from simclrv2_jax.data import augment, pipeline, sources, subsets
 from simclrv2_jax.models.simclr import SimCLRModel
 
 ARCH_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
@@ -120,14 +120,14 @@ def labeled_data(config: ml_collections.ConfigDict, source: sources.DataSource):
     """
     per_class = config.get("examples_per_class", 0)
     fraction = config.get("label_fraction", 1.0)
-    official = None if per_class else sources.labeled_split(config.dataset, fraction)
+    official = None if per_class else subsets.labeled_split(config.dataset, fraction)
     if official is not None:
         name, split = official
         subset = sources.get_source(name, config.data_dir or None)
         return subset, split, None, subset.num_examples(split)
     if not per_class and fraction >= 1.0:
         return source, config.train_split, None, source.num_examples(config.train_split)
-    indices = sources.label_fraction_subset(
+    indices = subsets.label_fraction_subset(
         source.labels(config.train_split), num_classes=source.num_classes,
         fraction=None if per_class else fraction, per_class=per_class or None, seed=config.label_seed)
     return source, config.train_split, indices, len(indices)
