@@ -1,29 +1,41 @@
-"""2-D convolution whose backward pass is fast on the CPU backend.
+"""2-D convolution (NHWC x HWIO) with a faster training step on the CPU backend.
 
-XLA's CPU convolutions are uneven across the three convolutions a training step runs. On these
-2-core machines (JAX 0.10.2; see `benchmarks/conv_cpu.py` and its JSON for the numbers) the forward
-and, for stride 1, the input gradient of a 3x3 conv run near the matmul ceiling, but:
+Why. A training step runs three convolutions per layer: forward, input gradient (dx) and weight
+gradient (dw). On the 2-core CPU machines (AMD EPYC with AVX-512; JAX 0.10.2, whose XLA runs
+convolutions through YNNPACK/Eigen; f32 matmul ceiling ~350 GFLOP/s on a quiet machine) XLA is
+uneven across them. Medians from `python -m benchmarks.conv_cpu --sweep --extra` (the machines are
+shared, so numbers move by +-30% from run to run; the JSON keeps each run's load average):
 
-* the weight gradient of a 1x1 conv is 3-5x slower than the single matmul it is
-  (64->256, 7x7, batch 256: ~50 GFLOP/s in XLA, ~220 as one matmul);
-* the weight gradient of a wide 3x3 conv (128->128, 16x16, batch 128) reaches ~65-110 GFLOP/s,
-  while a sum over the nine kernel taps of `(N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout)` matmuls on
-  shifted slices of the padded input reaches ~115-130;
-* the input gradient of a stride-2 3x3 conv with few output channels (32->64, 28x28) runs at
-  ~45 GFLOP/s, a third of its forward, because XLA convolves a zero-dilated gradient. Splitting
-  the kernel into its stride-phase sub-kernels ("sub-pixel" form) makes it one dense stride-1
-  conv with `s*s*Cin` output channels followed by a depth-to-space reshape: ~110 GFLOP/s.
+* 1x1 convs are slow in all three directions, dw worst: 64->256 7x7 b256 runs fwd/dx/dw at
+  ~145/90/45 GFLOP/s, and 1x1 s2 64->128 28x28 b256 has dw at 4-10. As one matmul the first runs
+  at ~310/220/180 (fwd+bwd 15.9 -> 5.5 ms). So a 1x1 conv is (strided slice of x) @ W, and JAX's
+  autodiff of that gives the two gradient matmuls.
+* XLA's dw of a kxk conv collapses on big layers: 3x3 128->128 16x16 is ~105-130 GFLOP/s at
+  batch 128 but 25-50 at batch 256-512 (32->32 and 64->64 on 32x32 and 16x16 images likewise),
+  while a loop over the kernel taps of `(N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout)` matmuls on shifted
+  (strided) slices of the padded input ("taps") holds ~65-145: fwd+bwd 1.7x faster at 128ch 16x16
+  b256, 3x at b512. On smaller layers XLA's dw is as fast or faster (16-64 channels at 7-28 px,
+  batch 256: XLA 55-110, taps 20-105), so taps is used only above a size threshold (`cpu_plan`)
+  and, for strided convs, from 128 channels up.
+* Strided kxk convs: XLA computes dx by convolving a zero-dilated gradient, ~40 GFLOP/s against
+  ~130 forward for 3x3 s2 32->64 28x28 b256. Splitting the kernel into its s*s stride-phase
+  sub-kernels turns dx into one dense stride-1 conv with s*s*Cin output channels plus a
+  depth-to-space reshape ("subpixel"): ~90-120 GFLOP/s (fwd+bwd 1.2-1.5x). With more input
+  channels or small images XLA's dx is already fast, and wins.
+* The "13 GFLOP/s weight gradient" of DESIGN.md (3x3 128->128 16x16 b128) did not reproduce here:
+  100-130 in quiet moments; numbers like it appear only at larger batches.
+  `SIMCLR_FAST_CPU_CONV=taps` forces taps for every kxk dw, for CPUs where XLA's is always slow.
 
-Narrow 3x3 convs (16-64 channels) are the opposite: XLA's own weight gradient is far better than
-tap matmuls, whose tiny `Cin x Cout` outputs over a huge contraction run at ~10-30 GFLOP/s.
-
-So `conv2d` keeps XLA's forward everywhere and, on the CPU backend, wraps it in a `jax.custom_vjp`
-whose backward picks, per layer shape at trace time, XLA's gradient or one of the forms above
-(`_plan`). On GPU/TPU, with `SIMCLR_FAST_CPU_CONV=0`, or with grouped convolutions it is exactly
-`lax.conv_general_dilated`. The custom VJP supports `jit`, `grad` (also grad of grad) and
-`jax.checkpoint`; forward-mode AD (`jvp`, `jacfwd`) is not defined for it: set the environment
-variable to 0 for that.
+How. `conv2d` decides at trace time (`cpu_plan`, from the layer's static shapes): 1x1 -> matmul;
+otherwise XLA's forward conv, wrapped in a `jax.custom_vjp` whose backward uses "subpixel" and/or
+"taps" where they measured faster, XLA's own gradients elsewhere. On GPU/TPU, with
+`SIMCLR_FAST_CPU_CONV=0`, for grouped convs, non-float dtypes or negative padding it is exactly
+`lax.conv_general_dilated`. bf16 accumulates in f32 and returns the input dtype. Supports `jit`,
+`grad` (grad of grad too) and `jax.checkpoint`; forward-mode AD (`jvp`, `jacfwd`) is not defined
+for layers that take the custom VJP: set the variable to 0 for that. The variable is read when a
+function is traced, so set it before the first `jit` call.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +59,13 @@ DW_METHODS = ("xla", "taps")
 def xla_conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_group_count=1):
     """Plain `lax.conv_general_dilated` with NHWC inputs and HWIO kernels."""
     return lax.conv_general_dilated(
-        x, kernel, window_strides=_pair(strides), padding=_lax_padding(padding),
-        dimension_numbers=DIMENSION_NUMBERS, feature_group_count=feature_group_count)
+        x,
+        kernel,
+        window_strides=_pair(strides),
+        padding=_lax_padding(padding),
+        dimension_numbers=DIMENSION_NUMBERS,
+        feature_group_count=feature_group_count,
+    )
 
 
 def fast_cpu_conv_enabled() -> bool:
@@ -63,15 +80,17 @@ def fast_cpu_conv_enabled() -> bool:
 def conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_group_count=1):
     """NHWC x HWIO convolution; same result and gradients as `xla_conv2d`, faster on the CPU."""
     if feature_group_count != 1 or not fast_cpu_conv_enabled() or not _supported(x, kernel):
-        return xla_conv2d(x, kernel, strides=strides, padding=padding,
-                          feature_group_count=feature_group_count)
+        return xla_conv2d(
+            x, kernel, strides=strides, padding=padding, feature_group_count=feature_group_count
+        )
     strides = _pair(strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
     forward, dx_method, dw_method = cpu_plan(x.shape, kernel.shape, strides, pads)
     if forward == "matmul":
         return conv1x1_as_matmul(x, kernel, strides=strides, padding=pads)
-    return conv2d_with_backward(x, kernel, strides=strides, padding=pads,
-                                dx_method=dx_method, dw_method=dw_method)
+    return conv2d_with_backward(
+        x, kernel, strides=strides, padding=pads, dx_method=dx_method, dw_method=dw_method
+    )
 
 
 def cpu_plan(x_shape, kernel_shape, strides, padding: Padding) -> tuple[str, str, str]:
@@ -80,60 +99,73 @@ def cpu_plan(x_shape, kernel_shape, strides, padding: Padding) -> tuple[str, str
     From measurements on the 2-core CPU machines (module docstring; reproduce with
     `python -m benchmarks.conv_cpu --sweep --extra`):
     * 1x1: one matmul, forward too; its autodiff is the two gradient matmuls.
-    * kxk, stride 1: XLA's own convolutions; tap matmuls did not beat XLA's weight gradient at
-      16-512 channels, and XLA's input gradient is as fast as its forward.
-    * kxk, strided: XLA convolves a zero-dilated gradient for dx, slow with few input channels on
-      large images ("subpixel" instead); its dw lags tap matmuls once both channel counts reach 128.
+    * kxk dw: "taps" once the layer is big -- N*Ho*Wo*min(Cin, Cout) >= 2**23 with both channel
+      counts >= 32 -- where XLA's weight gradient falls to 20-50 GFLOP/s; for strided convs also
+      from 128 channels up. Smaller layers keep XLA's, which is as fast or faster there.
+    * kxk dx: XLA's, except "subpixel" for strided convs with Cin <= 32 on images of >= 24x24.
     """
     strides = _pair(strides)
     pads = explicit_padding(x_shape, kernel_shape, strides, padding)
-    _, h, w, _ = x_shape
+    n, h, w, _ = x_shape
     kh, kw, cin, cout = kernel_shape
     if min(p for pair in pads for p in pair) < 0:  # negative padding crops: leave it to XLA
         return "xla", "xla", "xla"
     if (kh, kw) == (1, 1):
         return "matmul", "matmul", "matmul"
-    always_taps = os.environ.get(ENV_VAR, "1") == "taps"
-    dw = "taps" if always_taps or min(cin, cout) >= _TAPS_MIN_CHANNELS else "xla"
-    if strides == (1, 1):
-        return "xla", "xla", ("taps" if always_taps else "xla")
-    dx = "subpixel" if cin <= _SUBPIXEL_MAX_CIN and h * w >= _SUBPIXEL_MIN_PIXELS else "xla"
-    return "xla", dx, dw
+    ho = (h + sum(pads[0]) - kh) // strides[0] + 1
+    wo = (w + sum(pads[1]) - kw) // strides[1] + 1
+    narrow = min(cin, cout)
+    big = narrow >= _TAPS_MIN_CHANNELS and n * ho * wo * narrow >= _TAPS_MIN_SIZE
+    strided = strides != (1, 1)
+    taps = big or (strided and narrow >= _TAPS_MIN_CHANNELS_STRIDED) or os.environ.get(ENV_VAR, "1") == "taps"
+    subpixel = strided and cin <= _SUBPIXEL_MAX_CIN and h * w >= _SUBPIXEL_MIN_PIXELS
+    return "xla", ("subpixel" if subpixel else "xla"), ("taps" if taps else "xla")
 
 
 # Thresholds of `cpu_plan`.
+_TAPS_MIN_CHANNELS = 32
+_TAPS_MIN_SIZE = 2**23  # N*Ho*Wo*min(Cin, Cout): 32 MiB of f32 activations
+_TAPS_MIN_CHANNELS_STRIDED = 128
 _SUBPIXEL_MAX_CIN = 32
 _SUBPIXEL_MIN_PIXELS = 24 * 24
-_TAPS_MIN_CHANNELS = 128
 
 
-def conv2d_with_backward(x, kernel, *, strides=(1, 1), padding: Padding = "SAME",
-                         dx_method: str = "xla", dw_method: str = "xla"):
+def conv2d_with_backward(
+    x, kernel, *, strides=(1, 1), padding: Padding = "SAME", dx_method: str = "xla", dw_method: str = "xla"
+):
     """XLA's forward conv with explicitly chosen backward methods (for tests and benchmarks)."""
     if dx_method not in DX_METHODS or dw_method not in DW_METHODS:
-        raise ValueError(f"unknown backward method dx={dx_method!r} dw={dw_method!r}; "
-                         f"choose dx from {DX_METHODS} and dw from {DW_METHODS}")
+        raise ValueError(
+            f"unknown backward method dx={dx_method!r} dw={dw_method!r}; "
+            f"choose dx from {DX_METHODS} and dw from {DW_METHODS}"
+        )
     strides = _pair(strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
-    if (dx_method, dw_method) == ("xla", "xla") or not _supported(x, kernel) or min(
-            p for pair in pads for p in pair) < 0:
+    if (
+        (dx_method, dw_method) == ("xla", "xla")
+        or not _supported(x, kernel)
+        or min(p for pair in pads for p in pair) < 0
+    ):
         return xla_conv2d(x, kernel, strides=strides, padding=pads)
     return _conv_custom_vjp(x, kernel, strides, pads, dx_method, dw_method)
 
 
 def conv1x1_as_matmul(x, kernel, *, strides=(1, 1), padding: Padding = "VALID"):
-    """A 1x1 conv as (strided slice of x) @ W; JAX's own autodiff of it is fast in both directions."""
+    """A 1x1 conv as (strided slice of x) @ W; JAX's autodiff of it is fast in both directions."""
     strides = _pair(strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
     if any(p for pair in pads for p in pair):
         x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
     if strides != (1, 1):
-        x = x[:, ::strides[0], ::strides[1], :]
+        x = x[:, :: strides[0], :: strides[1], :]
     n, h, w, cin = x.shape
     cout = kernel.shape[3]
-    y = lax.dot_general(x.reshape(n * h * w, cin), kernel.reshape(cin, cout),
-                        (((1,), (0,)), ((), ())),
-                        preferred_element_type=_accumulation_dtype(x, kernel))
+    y = lax.dot_general(
+        x.reshape(n * h * w, cin),
+        kernel.reshape(cin, cout),
+        (((1,), (0,)), ((), ())),
+        preferred_element_type=_accumulation_dtype(x, kernel),
+    )
     return y.reshape(n, h, w, cout).astype(jnp.result_type(x, kernel))
 
 
@@ -151,8 +183,12 @@ def explicit_padding(x_shape, kernel_shape, strides, padding: Padding) -> tuple:
 
 
 def _supported(x, kernel) -> bool:
-    return (x.ndim == 4 and kernel.ndim == 4 and x.shape[3] == kernel.shape[2]
-            and jnp.issubdtype(jnp.result_type(x, kernel), jnp.floating))
+    return (
+        x.ndim == 4
+        and kernel.ndim == 4
+        and x.shape[3] == kernel.shape[2]
+        and jnp.issubdtype(jnp.result_type(x, kernel), jnp.floating)
+    )
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
@@ -186,7 +222,7 @@ def _accumulation_dtype(*arrays):
 
 
 def _weight_grad_taps(x, g, kernel_shape, strides, pads):
-    """dW[i, j] = sum over (n, h, w) of xpad[n, s*h + i, s*w + j, :]^T g[n, h, w, :]: one matmul per tap.
+    """dW[i, j] = sum over n, h, w of xpad[n, s*h+i, s*w+j, :]^T g[n, h, w, :]: a matmul per tap.
 
     A loop over the taps rather than unrolled slices: as fast, and XLA keeps one shifted copy of
     the input alive instead of all kh*kw of them (148 -> 36 MB temporaries at 128ch 16x16 b128).
@@ -199,13 +235,15 @@ def _weight_grad_taps(x, g, kernel_shape, strides, pads):
     acc = _accumulation_dtype(x, g)
 
     def tap(t, dw):
-        window = lax.dynamic_slice(xp, (0, t // kw, t % kw, 0),
-                                   (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, cin))
+        window = lax.dynamic_slice(
+            xp, (0, t // kw, t % kw, 0), (n, sh * (ho - 1) + 1, sw * (wo - 1) + 1, cin)
+        )
         if (sh, sw) != (1, 1):
             window = window[:, ::sh, ::sw, :]
         # Contracting the leading (N*Ho*Wo) dim of both operands measured fastest here.
-        d = lax.dot_general(window.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())),
-                            preferred_element_type=acc)
+        d = lax.dot_general(
+            window.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc
+        )
         return lax.dynamic_update_index_in_dim(dw, d, t, 0)
 
     dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin, cout), acc))
@@ -224,17 +262,23 @@ def _input_grad_subpixel(g, kernel, x_shape, strides, pads):
     sh, sw = strides
     th, tw = -(-kh // sh), -(-kw // sw)
     kp = jnp.pad(kernel, ((0, th * sh - kh), (0, tw * sw - kw), (0, 0), (0, 0)))
-    sub = kp.reshape(th, sh, tw, sw, cin, cout)[::-1, :, ::-1]        # [t, a, u, b, cin, cout], t/u flipped
+    sub = kp.reshape(th, sh, tw, sw, cin, cout)[::-1, :, ::-1]  # [t, a, u, b, ci, co], t/u flipped
     sub = jnp.transpose(sub, (0, 2, 5, 1, 3, 4)).reshape(th, tw, cout, sh * sw * cin)
-    out = lax.conv_general_dilated(g, sub, (1, 1), ((th - 1, th - 1), (tw - 1, tw - 1)),
-                                   dimension_numbers=DIMENSION_NUMBERS,
-                                   preferred_element_type=_accumulation_dtype(g, kernel))
+    out = lax.conv_general_dilated(
+        g,
+        sub,
+        (1, 1),
+        ((th - 1, th - 1), (tw - 1, tw - 1)),
+        dimension_numbers=DIMENSION_NUMBERS,
+        preferred_element_type=_accumulation_dtype(g, kernel),
+    )
     q, r = out.shape[1:3]
-    out = out.reshape(n, q, r, sh, sw, cin).transpose(0, 1, 3, 2, 4, 5).reshape(n, q * sh, r * sw, cin)
+    out = out.reshape(n, q, r, sh, sw, cin).transpose(0, 1, 3, 2, 4, 5)
+    out = out.reshape(n, q * sh, r * sw, cin)  # depth-to-space
     (top, bottom), (left, right) = pads
     hp, wp = h + top + bottom, w + left + right
     out = jnp.pad(out, ((0, 0), (0, max(hp - q * sh, 0)), (0, max(wp - r * sw, 0)), (0, 0)))
-    return out[:, top:top + h, left:left + w].astype(g.dtype)
+    return out[:, top : top + h, left : left + w].astype(g.dtype)
 
 
 def _pair(v) -> tuple[int, int]:
