@@ -61,6 +61,10 @@ def stage_configs(pretrain: ConfigDict, finetune: ConfigDict, distill: ConfigDic
     for field in ARCH_FIELDS:
         configs["finetune"][field] = configs["pretrain"][field]
         configs["baseline"][field] = configs["pretrain"][field]
+    if configs["distill"].init_student_from_teacher:
+        # A student that starts from the teacher's weights has the teacher's architecture.
+        for field in ARCH_FIELDS + ("ft_proj_selector",):
+            configs["distill"][field] = configs["finetune"][field]
     for field in LABEL_FIELDS:
         configs["distill"][field] = configs["finetune"][field]
         configs["baseline"][field] = configs["finetune"][field]

@@ -61,7 +61,7 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> None:
     c.learning_rate = 0.05
     c.train_batch_size = 128
     c.label_fraction = 0.01
-    c.train_epochs = 60
+    c.train_epochs = 30
     c.eval_batch_size = 1000
     c.checkpoint_steps = 200
     c.log_every_steps = 25
