@@ -68,7 +68,7 @@ class Checkpointer:
         self.manager.close()
 
 
-def _checkpoint_dir(path: str) -> tuple[epath.Path, int]:
+def checkpoint_dir(path: str) -> tuple[epath.Path, int]:
     """Accepts a stage workdir, its checkpoints/ folder, or one step's folder; returns (dir, step)."""
     p = epath.Path(path)
     if not p.exists():
@@ -95,7 +95,7 @@ def _reader(directory: epath.Path) -> ocp.CheckpointManager:
 
 def read_config(path: str) -> dict[str, Any]:
     """The config JSON saved beside the latest checkpoint under ``path``."""
-    directory, step = _checkpoint_dir(path)
+    directory, step = checkpoint_dir(path)
     manager = _reader(directory)
     try:
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -115,7 +115,7 @@ def load_variables(path: str, target: dict[str, Any], *, sharding: jax.sharding.
     must exist in the checkpoint with the same shape, else a ``CheckpointError`` lists the
     differences on both sides. Returns the restored variables and the checkpoint's step.
     """
-    directory, step = _checkpoint_dir(path)
+    directory, step = checkpoint_dir(path)
     manager = _reader(directory)
     try:
         metadata = manager.item_metadata(step)["state"]
@@ -133,7 +133,7 @@ def load_variables(path: str, target: dict[str, Any], *, sharding: jax.sharding.
                              f"model needs {tuple(want_paths[p].shape)}")
             for p in missing[:10]:
                 lines.append(f"  {p}: needed by the model, absent from the checkpoint")
-            extra = len(missing) + len(mismatched) - 20
+            extra = max(0, len(missing) - 10) + max(0, len(mismatched) - 10)
             if extra > 0:
                 lines.append(f"  ... and {extra} more")
             lines.append("Check resnet_depth, width_multiplier, sk_ratio, se_ratio, proj_head_mode, "

@@ -287,7 +287,9 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def _fashion_mnist_dir(data_dir: Optional[str]) -> str:
-    candidates = ([os.fspath(data_dir)] if data_dir else []) + [DEFAULT_FASHION_MNIST_DIR]
+    # An explicit data_dir is the only place looked at: silently falling back to the Debian package
+    # would train on other data than the user named.
+    candidates = [os.fspath(data_dir)] if data_dir else [DEFAULT_FASHION_MNIST_DIR]
     needed = [name for pair in _FASHION_MNIST_FILES.values() for name in pair]
     for directory in candidates:
         if all(os.path.isfile(os.path.join(directory, name)) for name in needed):

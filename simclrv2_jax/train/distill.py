@@ -18,6 +18,7 @@ import tensorflow as tf
 from jax.sharding import Mesh
 
 from simclrv2_jax import checkpoints, losses, optim, parallel
+from simclrv2_jax.models.heads import kept_head_layers
 from simclrv2_jax.train import common
 from simclrv2_jax.train.finetune import restore_from
 from simclrv2_jax.train.state import Task, TrainState, classification_eval_sums
@@ -40,6 +41,16 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Task:
     classes = common.num_classes(config, source)
     num_unlabeled = source.num_examples(config.train_split)
     t_config = teacher_config(config)
+    if config.init_student_from_teacher:
+        student_layers = kept_head_layers(config.proj_head_mode, config.num_proj_layers, config.ft_proj_selector)
+        teacher_layers = kept_head_layers(t_config.proj_head_mode, t_config.num_proj_layers,
+                                          t_config.ft_proj_selector)
+        if student_layers != teacher_layers:
+            raise ValueError(
+                f"config.init_student_from_teacher=True but the student keeps {student_layers} projection-head "
+                f"layer(s) (ft_proj_selector={config.ft_proj_selector}) and the teacher {teacher_layers} "
+                f"(ft_proj_selector={t_config.ft_proj_selector}): the student would start as a different "
+                f"model. Set --config.ft_proj_selector={t_config.ft_proj_selector}.")
     teacher = common.build_model(t_config, head_mode="finetune", num_classes=classes, mesh=mesh,
                                  fine_tune_after_block=-1)
     student = common.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)

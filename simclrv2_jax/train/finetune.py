@@ -52,6 +52,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Task:
     train_step, eval_step = common.supervised_step_fns(model, tx, schedule, config)
     initialize = None
     if config.checkpoint:
+        checkpoints.checkpoint_dir(config.checkpoint)  # a wrong path fails now, not after compiling
         initialize = restore_from(mesh, tx, config.checkpoint, "pretraining checkpoint",
                                   keep_head=config.init_head_from_checkpoint)
     else:

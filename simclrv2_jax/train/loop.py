@@ -215,6 +215,11 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         checkpointer.close()
         writer.flush()
         raise
+    except BaseException:
+        # A crash: let the periodic save already under way finish, so the run can resume from it.
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        raise
 
     if eval_fn is not None:
         eval_summary = evaluate(task, state, eval_fn, data)

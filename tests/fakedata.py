@@ -1,0 +1,182 @@
+"""Shared helpers for the end-to-end tests: fake Fashion-MNIST IDX files and tiny stage configs.
+
+The IDX writer follows the format's description (two zero bytes, the type code 0x08 for unsigned
+bytes, the number of dimensions, then each dimension as a big-endian uint32), not the library's reader.
+
+Test modules import helpers from here before pytest loads it as their plugin, so pytest could not
+rewrite its asserts anyway (it has none): PYTEST_DONT_REWRITE.
+"""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+NUM_CLASSES = 10
+
+
+def write_idx(path, array):
+    array = np.asarray(array, np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def write_fake_fashion_mnist(directory, n_train=200, n_test=40, size=28, seed=0):
+    """Writes the four IDX files; ``n_train // 10`` training images per class (balanced)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    data = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = rng.permutation(np.arange(n) % NUM_CLASSES).astype(np.uint8)
+        # Class-dependent brightness so the labels are learnable, plus noise.
+        base = (labels.astype(np.float32) * 20.0 + 30.0)[:, None, None]
+        images = np.clip(base + rng.normal(0, 40, size=(n, size, size)), 0, 255).astype(np.uint8)
+        write_idx(os.path.join(directory, IDX_FILES[split][0]), images)
+        write_idx(os.path.join(directory, IDX_FILES[split][1]), labels)
+        data[split] = (images, labels)
+    return data
+
+
+TINY_MODEL = {"resnet_depth": 18, "width_multiplier": 0.125, "image_size": 16, "proj_out_dim": 16}
+
+
+def tiny(config, data_dir, *, train_steps, checkpoint_steps=1000, **overrides):
+    """Makes a stage config tiny: small ResNet-18, 16 px, batch 16, eval batch 40."""
+    for key, value in TINY_MODEL.items():
+        config[key] = value
+    config.data_dir = str(data_dir)
+    config.train_batch_size = 16
+    config.eval_batch_size = 40
+    config.log_every_steps = 1
+    config.checkpoint_steps = checkpoint_steps
+    config.train_steps = train_steps
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# Session fixtures. A test module loads them with ``pytest_plugins = ("fakedata",)``, so they are
+# registered once and the data, the compilation cache and the shared pretraining run are made once
+# per session, whichever of the modules run.
+
+PRETRAIN_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def jax_compile_cache(tmp_path_factory):
+    """A persistent compilation cache for this session, so that a resumed run (or a later stage
+    with the same programs) loads the executables the first run compiled instead of compiling
+    again: compiling the tiny ResNet dominates these tests on 2 CPU cores. It caches XLA's output
+    only and changes no result."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    previous = {name: getattr(jax.config, name) for name in names}
+    path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()
+    yield path
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory):
+    """200 train / 40 test 28x28 images, 20 (train) and 4 (test) per class."""
+    directory = tmp_path_factory.getbasetemp() / "fake_fashion_mnist"
+    write_fake_fashion_mnist(directory)
+    return directory
+
+
+def host_copy(state):
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), state)
+
+
+@pytest.fixture(scope="session")
+def pretrain_run(tmp_path_factory, fake_data_dir, jax_compile_cache):
+    """One uninterrupted tiny pretraining run of ``PRETRAIN_STEPS`` steps on all 8 devices.
+
+    Returns ``dict(workdir, config, results, snapshots)``; ``snapshots[s]`` is a host copy of the
+    state after step ``s`` (taken by a step hook), for comparison with checkpoints of other runs.
+    """
+    from simclrv2_jax.configs import pretrain
+    from simclrv2_jax.train import train_stage
+
+    workdir = tmp_path_factory.getbasetemp() / "pretrain_uninterrupted"
+    config = tiny(pretrain.get_config("fashion_mnist"), fake_data_dir, train_steps=PRETRAIN_STEPS)
+    snapshots = {}
+
+    def snapshot(step, state):
+        snapshots[step] = host_copy(state)
+
+    results = train_stage(config, str(workdir), step_hooks=[snapshot])
+    return {"workdir": workdir, "config": config, "results": results, "snapshots": snapshots}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading checkpoints back with Orbax directly (not through simclrv2_jax.checkpoints).
+
+
+def read_checkpoint(workdir, step=None):
+    """The saved TrainState pytree of ``workdir`` at ``step`` (default: the highest), as NumPy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    root = os.path.join(str(workdir), "checkpoints")
+    if step is None:
+        step = max(int(name) for name in os.listdir(root) if name.isdigit())
+    path = os.path.join(root, str(step), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        tree = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
+def flat(tree):
+    """``{'['params']['backbone']...': array}`` for every leaf."""
+    import jax
+
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+MARKER = -3.25  # exactly representable; no trained or initialised weight equals it everywhere
+
+
+def marked_state(task, mesh):
+    """A TrainState of the task's exact structure, shapes and dtypes (from ``jax.eval_shape`` of its
+    initialiser) with every float leaf set to ``MARKER`` and integer leaves to 0, replicated over
+    ``mesh``. Handing it to ``task.initialize`` shows exactly which leaves were restored: each one
+    either equals the checkpoint or still holds the marker. Nothing is compiled."""
+    import jax
+
+    from simclrv2_jax import parallel
+    from simclrv2_jax.train.state import create_train_state
+
+    abstract = jax.eval_shape(lambda: create_train_state(task.init_variables, task.tx, task.config.seed))
+    rep = parallel.replicated(mesh)
+
+    def fill(leaf):
+        value = MARKER if np.issubdtype(leaf.dtype, np.floating) else 0
+        return jax.device_put(np.full(leaf.shape, value, leaf.dtype), rep)
+
+    return jax.tree_util.tree_map(fill, abstract)

@@ -1,0 +1,131 @@
+"""The command line end to end: one 2-step pretraining run on fake data, then the same command again.
+
+Two subprocesses in all (each pays JAX start-up and compilation); both share the session's
+compilation cache.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from fakedata import TINY_MODEL, read_checkpoint
+
+pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
+pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 2
+
+
+def command(workdir, data_dir):
+    overrides = dict(
+        TINY_MODEL,
+        train_steps=STEPS,
+        data_dir=data_dir,
+        train_batch_size=16,
+        eval_batch_size=40,
+        log_every_steps=1,
+    )
+    return [
+        sys.executable,
+        "-m",
+        "simclrv2_jax.main",
+        "--config=configs/pretrain.py:fashion_mnist",
+        f"--workdir={workdir}",
+    ] + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, fake_data_dir, jax_compile_cache):
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_COMPILATION_CACHE_DIR=jax_compile_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    runs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            command(workdir, fake_data_dir),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=500,
+            check=False,
+        )
+        results = json.loads((workdir / "results.json").read_text()) if proc.returncode == 0 else None
+        runs.append(
+            {
+                "proc": proc,
+                "results": results,
+                "history": history(workdir),
+                "checkpoints": sorted(os.listdir(workdir / "checkpoints")),
+            }
+        )
+    return workdir, runs
+
+
+def history(workdir):
+    path = workdir / "history.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def event_tags(workdir):
+    """``{tag: [steps]}`` of the scalars in the TensorBoard event files, read as TFRecords."""
+    tags = {}
+    for path in glob.glob(str(workdir / "events.out.tfevents*")):
+        for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            event = tf.compat.v1.Event.FromString(record)
+            for value in event.summary.value:
+                tags.setdefault(value.tag, []).append(event.step)
+    return tags
+
+
+def test_cli_run_writes_every_output(cli_runs, fake_data_dir):
+    workdir, (first, _) = cli_runs
+    assert first["proc"].returncode == 0, first["proc"].stderr[-3000:]
+    results = first["results"]
+    assert results["stage"] == "pretrain" and results["final_step"] == STEPS
+    assert results["steps_this_run"] == STEPS and results["devices"] == 8
+    assert set(results["eval"]) >= {"top1", "loss"}
+
+    config = json.loads((workdir / "config.json").read_text())  # the overrides reached the run
+    assert config["train_steps"] == STEPS and config["width_multiplier"] == 0.125
+    assert config["data_dir"] == str(fake_data_dir) and config["stage"] == "pretrain"
+
+    train = [r for r in first["history"] if "train/contrast_loss" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert any("eval/top1" in r and r["step"] == STEPS for r in first["history"])
+
+    assert glob.glob(str(workdir / "events.out.tfevents*"))
+    assert sorted(event_tags(workdir)["train/contrast_loss"]) == [1, 2]
+
+    assert first["checkpoints"] == [str(STEPS)]
+    assert int(read_checkpoint(workdir, STEPS)["step"]) == STEPS
+
+
+def test_same_command_again_resumes_without_training(cli_runs):
+    _, (first, second) = cli_runs
+    assert second["proc"].returncode == 0, second["proc"].stderr[-3000:]
+    results = second["results"]
+    assert results["final_step"] == STEPS and results["steps_this_run"] == 0 and results["completed"]
+    # The final evaluation, run again on the restored weights, scores what the first run scored.
+    assert results["eval"]["top1"] == first["results"]["eval"]["top1"]
+    assert (
+        abs(results["eval"]["loss"] - first["results"]["eval"]["loss"])
+        <= 1e-6 * first["results"]["eval"]["loss"]
+    )
+    # Nothing was trained again: the same training lines, the same single checkpoint.
+    assert [r["step"] for r in second["history"] if "train/contrast_loss" in r] == [1, 2]
+    assert second["checkpoints"] == [str(STEPS)]
