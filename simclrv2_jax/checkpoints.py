@@ -24,6 +24,12 @@ from etils import epath
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
+def _absolute(path: str) -> epath.Path:
+    """Orbax needs absolute paths; object-store URLs (gs://...) already are."""
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the model being built."""
 
@@ -33,7 +39,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, max_to_keep: int = 5, save_interval_steps: int = 1,
                  async_save: bool = True):
-        self.directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+        self.directory = _absolute(workdir) / CHECKPOINT_SUBDIR
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             save_interval_steps=max(1, save_interval_steps),
@@ -70,7 +76,7 @@ class Checkpointer:
 
 def checkpoint_dir(path: str) -> tuple[epath.Path, int]:
     """Accepts a stage workdir, its checkpoints/ folder, or one step's folder; returns (dir, step)."""
-    p = epath.Path(path)
+    p = _absolute(path)
     if not p.exists():
         raise CheckpointError(f"Checkpoint path {path} does not exist. Point --config.checkpoint at a "
                               "stage's workdir, its checkpoints/ folder or one step folder in it.")

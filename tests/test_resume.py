@@ -9,6 +9,7 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, tiny
@@ -179,3 +180,21 @@ def test_crash_leaves_no_checkpoint_half_written(tmp_path, fake_data_dir, pretra
         assert left == ["4"], f"when train_stage raised, checkpoints/ held {left}"
     finally:
         wait_for_checkpoint(workdir, 4)  # let the background save end before the next test
+
+
+def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
+    # Orbax refuses relative paths; users type them (--workdir=runs/x).
+    import jax.numpy as jnp
+
+    from simclrv2_jax.checkpoints import Checkpointer, load_variables
+
+    monkeypatch.chdir(tmp_path)
+    state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "batch_stats": {"m": jnp.ones(3)}}
+    checkpointer = Checkpointer("runs/rel", max_to_keep=2)
+    checkpointer.save(3, state, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3" / "state").is_dir()
+    restored, step = load_variables("runs/rel", state, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    assert step == 3
+    np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6.0).reshape(2, 3))
