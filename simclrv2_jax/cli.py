@@ -38,3 +38,28 @@ def parse_flags(argv: list[str]) -> list[str]:
               "--config.train_batch_size=256; the fields are listed in the config file and README.",
               file=sys.stderr)
         sys.exit(2)
+
+
+def start_up() -> None:
+    """What every command does first: logging, TF kept off accelerators, joining a multi-host job."""
+    from simclrv2_jax import parallel
+    from simclrv2_jax.data.sources import hide_accelerators_from_tf
+
+    configure_logging()
+    hide_accelerators_from_tf()
+    parallel.initialize_distributed()
+
+
+def run_reporting_user_errors(fn, *args):
+    """``(exit code, result)`` of ``fn(*args)``; a user's mistake (config, data, checkpoint) becomes one
+    ``error:`` line and exit code 2, an interruption (after its checkpoint is saved) exit code 130."""
+    from simclrv2_jax.checkpoints import CheckpointError
+
+    try:
+        return 0, fn(*args)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print("Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
+        return 130, None

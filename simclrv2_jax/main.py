@@ -8,7 +8,6 @@ checkpoint. The stage is the config's ``stage`` field (pretrain, finetune or dis
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -23,27 +22,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from simclrv2_jax.cli import configure_logging
-
-    configure_logging()
-    from simclrv2_jax import parallel
-    from simclrv2_jax.checkpoints import CheckpointError
-    from simclrv2_jax.data.sources import hide_accelerators_from_tf
+    from simclrv2_jax.cli import run_reporting_user_errors, start_up
     from simclrv2_jax.train import train_stage
 
-    hide_accelerators_from_tf()
-    parallel.initialize_distributed()
-    try:
-        results = train_stage(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        # A user's mistake (config, data, checkpoint): one clear message, no JAX/TF traceback.
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
-        return 130
-    logging.info("Done: %s", {k: v for k, v in results.items() if k != "state"})
-    return 0
+    start_up()
+    code, results = run_reporting_user_errors(train_stage, _CONFIG.value, _WORKDIR.value)
+    if code == 0:
+        logging.info("Done: %s", {k: v for k, v in results.items() if k != "state"})
+    return code
 
 
 if __name__ == "__main__":

@@ -166,28 +166,18 @@ def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from simclrv2_jax import parallel
-    from simclrv2_jax.checkpoints import CheckpointError
-    from simclrv2_jax.data.sources import hide_accelerators_from_tf
-    from simclrv2_jax.cli import configure_logging
+    from simclrv2_jax.cli import run_reporting_user_errors, start_up
 
-    configure_logging()
-    hide_accelerators_from_tf()
-    parallel.initialize_distributed()
+    start_up()
     unknown = [s for s in _STAGES.value if s not in ("pretrain", "finetune", "distill", "baseline")]
     if unknown:
         print(f"error: --stages has unknown stage(s) {unknown}; use pretrain, finetune, distill, baseline.",
               file=sys.stderr)
         return 2
     configs = stage_configs(_PRETRAIN.value, _FINETUNE.value, _DISTILL.value, _BASELINE.value, _WORKDIR.value)
-    try:
-        summary = run_pipeline(configs, _WORKDIR.value, _STAGES.value)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
-        return 130
+    code, summary = run_reporting_user_errors(run_pipeline, configs, _WORKDIR.value, _STAGES.value)
+    if code:
+        return code
     lines = [f"  {stage:<9} test top-1 {100 * acc:6.2f}%" for stage, acc in summary["test_top1"].items()
              if acc is not None]
     print(f"Pipeline finished in {summary['total_wall_time_s'] / 60:.1f} min ({summary['labels']}):\n"

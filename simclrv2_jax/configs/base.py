@@ -74,6 +74,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+DATASETS = {
+    "imagenet": dict(dataset="imagenet2012", train_split="train", eval_split="validation", image_size=224),
+    "cifar10": dict(dataset="cifar10", train_split="train", eval_split="test", image_size=32),
+    "fashion_mnist": dict(dataset="fashion_mnist", train_split="train", eval_split="test", image_size=28),
+}
+
+
+def apply_dataset(config: ml_collections.ConfigDict, name: str) -> None:
+    """The data fields of a preset data set (tfds name, splits, image size)."""
+    for key, value in DATASETS[name].items():
+        config[key] = value
+
+
 def apply_model_preset(config: ml_collections.ConfigDict, name: str, prefix: str = "") -> None:
     for key, value in MODEL_PRESETS[name].items():
         config[prefix + key] = value

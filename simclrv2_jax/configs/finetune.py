@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from simclrv2_jax.configs.base import apply_model_preset, base_config, parse_preset_arg
+from simclrv2_jax.configs.base import apply_dataset, apply_model_preset, base_config, parse_preset_arg
 
 
 def _semi_supervised(c: ml_collections.ConfigDict) -> None:
@@ -25,10 +25,7 @@ def _semi_supervised(c: ml_collections.ConfigDict) -> None:
 
 
 def imagenet(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "imagenet2012"
-    c.train_split = "train"
-    c.eval_split = "validation"
-    c.image_size = 224
+    apply_dataset(c, "imagenet")
     apply_model_preset(c, "r50_1x_sk0")
     _semi_supervised(c)
     c.train_batch_size = 1024
@@ -39,10 +36,7 @@ def imagenet(c: ml_collections.ConfigDict) -> None:
 
 
 def cifar10(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "cifar10"
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_size = 32
+    apply_dataset(c, "cifar10")
     apply_model_preset(c, "r18_cifar")
     _semi_supervised(c)
     c.train_batch_size = 512
@@ -52,10 +46,7 @@ def cifar10(c: ml_collections.ConfigDict) -> None:
 
 
 def fashion_mnist(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "fashion_mnist"
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_size = 28
+    apply_dataset(c, "fashion_mnist")
     apply_model_preset(c, "r18_0.25x")
     _semi_supervised(c)
     c.learning_rate = 0.05

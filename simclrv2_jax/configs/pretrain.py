@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import ml_collections
 
-from simclrv2_jax.configs.base import apply_model_preset, base_config, parse_preset_arg
+from simclrv2_jax.configs.base import apply_dataset, apply_model_preset, base_config, parse_preset_arg
 
 
 def imagenet(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "imagenet2012"
-    c.train_split = "train"
-    c.eval_split = "validation"
-    c.image_size = 224
+    apply_dataset(c, "imagenet")
     apply_model_preset(c, "r50_1x_sk0")
     c.train_batch_size = 4096
     c.train_epochs = 800
@@ -36,10 +33,7 @@ def imagenet(c: ml_collections.ConfigDict) -> None:
 
 
 def cifar10(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "cifar10"
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_size = 32
+    apply_dataset(c, "cifar10")
     apply_model_preset(c, "r18_cifar")
     c.train_batch_size = 512
     c.train_epochs = 1000
@@ -56,10 +50,7 @@ def cifar10(c: ml_collections.ConfigDict) -> None:
 
 
 def fashion_mnist(c: ml_collections.ConfigDict) -> None:
-    c.dataset = "fashion_mnist"
-    c.train_split = "train"
-    c.eval_split = "test"
-    c.image_size = 28
+    apply_dataset(c, "fashion_mnist")
     apply_model_preset(c, "r18_0.25x")
     c.train_batch_size = 256
     # The default job's budget: ~1.25 epochs (293 steps) fits the 20-minute CPU pipeline. Longer runs
