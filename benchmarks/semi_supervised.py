@@ -37,6 +37,9 @@ def main() -> None:
     parser.add_argument("--epochs_10pct", type=float, default=10.0)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "semi_supervised.json"))
     args = parser.parse_args()
+    from simclrv2_jax.cli import start_up
+
+    start_up()
 
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "machine": {"backend": jax.default_backend(), "devices": jax.device_count(),
