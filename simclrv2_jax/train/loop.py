@@ -107,6 +107,7 @@ class _History:
 def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         step_hooks: Iterable[Callable[[int, TrainState], None]] = ()) -> dict[str, Any]:
     """Trains ``task`` in ``workdir`` to ``task.total_steps``; returns what results.json holds."""
+    t_run = time.time()
     config = task.config
     mesh = mesh or parallel.create_mesh()
     parallel.local_batch_size(config.train_batch_size, mesh)
@@ -240,7 +241,8 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
         "completed": step >= total,
         "train": train_summary,
         "eval": eval_summary,
-        "wall_time_s": elapsed,
+        "wall_time_s": time.time() - t_run,  # this run, set-up and evaluation included
+        "train_loop_time_s": elapsed,
         "steps_this_run": steps_run,
         "steps_per_sec": steps_run / elapsed if elapsed > 0 else 0.0,
         "devices": int(mesh.devices.size),
