@@ -9,8 +9,8 @@ are the compute budget, stated per stage in the JSON. The 1% run is exactly the 
 its workdir (``runs/fashion_mnist_1pct``), so after ``launch/quickstart.sh`` it is not trained again.
 Pretraining does not look at labels, so the 10% run reuses that pretraining (copied, then skipped by
 the pipeline as finished). With ten times the labels, its fine-tuning and the baseline run 10 epochs
-instead of 30 (the paper shortens its 10% schedule too), which keeps the run within minutes. Writes ``benchmarks/results/semi_supervised.json``:
-test top-1 of every stage, steps, wall times, machine.
+instead of 30 (the paper shortens its 10% schedule too), which keeps the run within minutes. Writes
+``benchmarks/results/semi_supervised.json``: test top-1 of every stage, steps, wall times, machine.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import shutil
 
 import jax
 
-from simclrv2_jax.configs import distill, finetune, pretrain
-from simclrv2_jax.pipeline import run_pipeline, stage_configs
+from simclrv2_jax.fields import get_config
+from simclrv2_jax.run_all import PIPELINE_STAGES, run_pipeline, stage_configs
 
-STAGES = ["pretrain", "finetune", "distill", "baseline"]
+STAGES = list(PIPELINE_STAGES)
 
 
 def main() -> None:
@@ -35,27 +35,36 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.01,0.1")
     parser.add_argument("--runs", default="runs", help="fraction f runs in RUNS/fashion_mnist_<100f>pct")
     parser.add_argument("--epochs_10pct", type=float, default=10.0)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "semi_supervised.json"))
+    parser.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "semi_supervised.json")
+    )
     args = parser.parse_args()
     from simclrv2_jax.cli import start_up
 
     start_up()
 
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "machine": {"backend": jax.default_backend(), "devices": jax.device_count(),
-                           "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                           "python": platform.python_version()},
-               "runs": {}}
+    results = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "backend": jax.default_backend(),
+            "devices": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "python": platform.python_version(),
+        },
+        "runs": {},
+    }
     first_pretrain = None
     for fraction in [float(f) for f in args.fractions.split(",")]:
         workdir = os.path.join(args.runs, f"fashion_mnist_{fraction * 100:g}pct")
-        ft = finetune.get_config("fashion_mnist")
-        base = finetune.get_config("fashion_mnist,baseline")
+        ft = get_config("finetune", "fashion_mnist")
+        base = get_config("finetune", "fashion_mnist,baseline")
         ft.label_fraction = fraction
         if fraction > 0.01:
             ft.train_epochs = base.train_epochs = args.epochs_10pct
-        configs = stage_configs(pretrain.get_config("fashion_mnist"), ft, distill.get_config("fashion_mnist"),
-                                base, workdir)
+        configs = stage_configs(
+            get_config("pretrain", "fashion_mnist"), ft, get_config("distill", "fashion_mnist"), base, workdir
+        )
         if first_pretrain and not os.path.exists(os.path.join(workdir, "pretrain")):
             shutil.copytree(first_pretrain, os.path.join(workdir, "pretrain"))
         summary = run_pipeline(configs, workdir, STAGES)
@@ -64,12 +73,17 @@ def main() -> None:
             "labels": summary["labels"],
             "num_labeled_examples": summary["stages"]["finetune"].get("num_labeled_examples"),
             "test_top1": summary["test_top1"],
-            "budget_steps": {s: {"steps": summary["stages"][s]["final_step"],
-                                 "global_batch": configs[s].train_batch_size} for s in STAGES},
-            "wall_time_s": {s: summary["stages"][s].get("stage_wall_time_s", summary["stages"][s]["wall_time_s"])
-                            for s in STAGES},
-            "gain_over_baseline": {s: summary["test_top1"][s] - summary["test_top1"]["baseline"]
-                                   for s in ("finetune", "distill")},
+            "budget_steps": {
+                s: {"steps": summary["stages"][s]["final_step"], "global_batch": configs[s].train_batch_size}
+                for s in STAGES
+            },
+            "wall_time_s": {
+                s: summary["stages"][s].get("stage_wall_time_s", summary["stages"][s]["wall_time_s"])
+                for s in STAGES
+            },
+            "gain_over_baseline": {
+                s: summary["test_top1"][s] - summary["test_top1"]["baseline"] for s in ("finetune", "distill")
+            },
         }
         print(json.dumps(results["runs"][f"{fraction:g}"], indent=2))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

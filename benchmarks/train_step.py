@@ -21,9 +21,10 @@ import time
 import jax
 import numpy as np
 
-from simclrv2_jax import parallel
+from simclrv2_jax import fields, parallel
 from simclrv2_jax.data.sources import InMemorySource
-from simclrv2_jax.train import common
+from simclrv2_jax.train import STAGE_MODULES
+from simclrv2_jax.train.state import create_train_state
 
 
 def synthetic_source(config, num_classes: int = 10) -> InMemorySource:
@@ -32,8 +33,11 @@ def synthetic_source(config, num_classes: int = 10) -> InMemorySource:
     n = 512
     images = rng.integers(0, 256, size=(n, config.image_size, config.image_size, 3), dtype=np.uint8)
     labels = rng.integers(0, num_classes, size=n).astype(np.int64)
-    return InMemorySource(name="synthetic", num_classes=num_classes,
-                          data={config.train_split: (images, labels), config.eval_split: (images, labels)})
+    return InMemorySource(
+        name="synthetic",
+        num_classes=num_classes,
+        data={config.train_split: (images, labels), config.eval_split: (images, labels)},
+    )
 
 
 def main() -> None:
@@ -47,36 +51,39 @@ def main() -> None:
     args = parser.parse_args()
 
     import importlib
-    configs = importlib.import_module(f"simclrv2_jax.configs.{args.stage}")
-    config = configs.get_config(args.preset)
+
+    config = fields.get_config(args.stage, args.preset)
     config.train_batch_size = args.batch
     config.compute_dtype = args.dtype
     config.train_steps = 1000
+    if args.stage == "finetune":
+        config.checkpoint = ""
     mesh = parallel.create_mesh()
-    source = synthetic_source(config)
-    original = common.load_source
-    common.load_source = lambda cfg: source
-    try:
-        module = __import__(f"simclrv2_jax.train.{args.stage}", fromlist=["build"])
-        if args.stage == "finetune":
-            config.checkpoint = ""
-        task = module.build(config, mesh)
-    finally:
-        common.load_source = original
+    task = importlib.import_module(STAGE_MODULES[args.stage]).build(
+        config, mesh, source=synthetic_source(config)
+    )
 
-    from simclrv2_jax.train.state import create_train_state
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     state = jax.jit(lambda: create_train_state(task.init_variables, task.tx, 0), out_shardings=rep)()
     views = 2 if args.stage == "pretrain" else 1
-    shape = (args.batch, views, config.image_size, config.image_size, 3) if views > 1 else \
-        (args.batch, config.image_size, config.image_size, 3)
+    shape = (
+        (args.batch, views, config.image_size, config.image_size, 3)
+        if views > 1
+        else (args.batch, config.image_size, config.image_size, 3)
+    )
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(size=shape).astype(np.float32),
-             "label": rng.integers(0, 10, size=args.batch).astype(np.int32),
-             "mask": np.ones(args.batch, np.float32)}
+    batch = {
+        "image": rng.uniform(size=shape).astype(np.float32),
+        "label": rng.integers(0, 10, size=args.batch).astype(np.int32),
+        "mask": np.ones(args.batch, np.float32),
+    }
     batch = jax.device_put(batch, data)
-    step = jax.jit(task.train_step, in_shardings=(rep, data, *task.extra_shardings), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
+    step = jax.jit(
+        task.train_step,
+        in_shardings=(rep, data, *task.extra_shardings),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
     t0 = time.perf_counter()
     state, metrics = step(state, batch, *task.extra)
     jax.block_until_ready(metrics)
@@ -89,19 +96,29 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     per_step = statistics.median(times)
     result = {
-        "stage": args.stage, "preset": args.preset, "global_batch": args.batch, "dtype": args.dtype,
-        "model": {k: config[k] for k in common.ARCH_FIELDS}, "image_size": config.image_size,
+        "stage": args.stage,
+        "preset": args.preset,
+        "global_batch": args.batch,
+        "dtype": args.dtype,
+        "model": {k: config[k] for k in fields.ARCH_FIELDS},
+        "image_size": config.image_size,
         "fast_cpu_conv": os.environ.get("SIMCLR_FAST_CPU_CONV", "1") != "0",
-        "compile_and_first_step_s": compile_s, "step_s_median": per_step, "step_s_min": min(times),
+        "compile_and_first_step_s": compile_s,
+        "step_s_median": per_step,
+        "step_s_min": min(times),
         "images_per_s": args.batch * views / per_step,
-        "backend": jax.default_backend(), "devices": jax.device_count(),
-        "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-        "jax": jax.__version__, "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "device_kind": jax.devices()[0].device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     print(json.dumps(result, indent=2))
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"train_step_{args.stage}_{args.preset.replace(',', '_')}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"train_step_{args.stage}_{args.preset.replace(',', '_')}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

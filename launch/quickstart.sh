@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 export JAX_PLATFORMS="${JAX_PLATFORMS:-}"
-exec "${SIMCLR_VENV:-.venv}/bin/python" -m simclrv2_jax.pipeline \
+exec "${SIMCLR_VENV:-.venv}/bin/python" -m simclrv2_jax.run_all \
   --workdir="${WORKDIR:-runs/fashion_mnist_1pct}" "$@"

@@ -8,7 +8,7 @@
 # only), then starts `python -m simclrv2_jax.main ARGS` on all workers at once; each joins the job
 # through jax.distributed.initialize() and reads its own shard of the data. Put workdir and data on
 # GCS (gs://...) so every worker sees them; TFDS_DATA_DIR / --config.data_dir=gs://... for the data.
-# MODULE=simclrv2_jax.pipeline runs the whole pipeline instead of one stage.
+# MODULE=simclrv2_jax.run_all runs the whole pipeline instead of one stage.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"

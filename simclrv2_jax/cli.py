@@ -33,20 +33,21 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         overrides = sorted({a.split("=")[0][2:] for a in argv[1:] if "." in a.split("=")[0]})
         what = f"unknown config field {e}" if isinstance(e, (AttributeError, KeyError)) else str(e)
-        print(f"error: bad command line ({what}). Config overrides given: {', '.join(overrides) or 'none'}. "
-              "Each must name an existing field with a value of its type, e.g. "
-              "--config.train_batch_size=256; the fields are listed in the config file and README.",
-              file=sys.stderr)
+        print(
+            f"error: bad command line ({what}). Config overrides given: {', '.join(overrides) or 'none'}. "
+            "Each must name an existing field with a value of its type, e.g. "
+            "--config.train_batch_size=256; the fields are listed in the config file and README.",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
 def start_up() -> None:
     """What every command does first: logging, TF kept off accelerators, joining a multi-host job."""
+    import simclrv2_jax.data  # noqa: F401  (keeps TensorFlow on the CPU)
     from simclrv2_jax import parallel
-    from simclrv2_jax.data.sources import hide_accelerators_from_tf
 
     configure_logging()
-    hide_accelerators_from_tf()
     parallel.initialize_distributed()
 
 

@@ -8,17 +8,17 @@ official release's cross-replica gather gives, and the result does not depend on
 All losses compute in float32 whatever the activation dtype, so that bf16 models keep an accurate
 softmax.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 Array = jax.Array
 
 
-def _batch_mesh(x: Array, axis: Optional[str]) -> Optional[jax.sharding.AbstractMesh]:
+def _batch_mesh(x: Array, axis: str | None) -> jax.sharding.AbstractMesh | None:
     """The mesh that carries `axis`, from x's type (jit over sharded inputs) or the mesh context."""
     if axis is None:
         return None
@@ -34,7 +34,7 @@ def _is_explicit(mesh: jax.sharding.AbstractMesh, axis: str) -> bool:
     return mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit
 
 
-def _constrain_rows(x: Array, mesh_axis: Optional[str]) -> Array:
+def _constrain_rows(x: Array, mesh_axis: str | None) -> Array:
     """Keeps the rows of `x` sharded over `mesh_axis` when x lives on a mesh with that axis.
 
     Without the hint XLA may choose to replicate the [N, N] logits on every device, which costs
@@ -45,15 +45,16 @@ def _constrain_rows(x: Array, mesh_axis: Optional[str]) -> Array:
     if mesh is None:
         return x
     sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(mesh_axis, *([None] * (x.ndim - 1))))
+        mesh, jax.sharding.PartitionSpec(mesh_axis, *([None] * (x.ndim - 1)))
+    )
     if _is_explicit(mesh, mesh_axis):
         # Under Explicit axes the sharding is part of the type; `reshard` is the way to set it.
         return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _replicate(x: Array, mesh_axis: Optional[str]) -> Array:
-    """Gathers `x` onto every device under Explicit axes (the Z_a, Z_b of SPEC.md).
+def _replicate(x: Array, mesh_axis: str | None) -> Array:
+    """Gathers `x` onto every device under Explicit axes (all anchors' partners, every device's rows).
 
     Explicit axes refuse a matmul of two operands sharded along the same axis on different
     dimensions; gathering the right-hand side states the intended algorithm (local anchors against
@@ -70,7 +71,7 @@ def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def _masked_mean(values: Array, mask: Optional[Array]) -> Array:
+def _masked_mean(values: Array, mask: Array | None) -> Array:
     """Mean of `values` weighted by `mask`; a batch with no valid example gives 0, not NaN."""
     values = values.astype(jnp.float32)
     if mask is None:
@@ -85,7 +86,7 @@ def nt_xent_loss(
     temperature: float,
     hidden_norm: bool = True,
     large_num: float = 1e9,
-    mesh_axis: Optional[str] = None,
+    mesh_axis: str | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """NT-Xent contrastive loss of SimCLR over the global batch.
 
@@ -153,8 +154,8 @@ def nt_xent_loss(
 def supervised_cross_entropy(
     logits: Array,
     labels: Array,
-    mask: Optional[Array] = None,
-    num_classes: Optional[int] = None,
+    mask: Array | None = None,
+    num_classes: int | None = None,
 ) -> Array:
     """Mean softmax cross-entropy over the examples with mask 1.
 
@@ -168,8 +169,8 @@ def supervised_cross_entropy(
     logits = logits.astype(jnp.float32)
     if num_classes is not None and logits.shape[-1] != num_classes:
         raise ValueError(
-            f"supervised_cross_entropy: logits have {logits.shape[-1]} classes, "
-            f"num_classes={num_classes}.")
+            f"supervised_cross_entropy: logits have {logits.shape[-1]} classes, num_classes={num_classes}."
+        )
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     if labels.ndim == logits.ndim:
         ce = -jnp.sum(labels.astype(jnp.float32) * log_probs, axis=-1)
@@ -183,7 +184,7 @@ def distillation_loss(
     teacher_logits: Array,
     *,
     temperature: float,
-    mask: Optional[Array] = None,
+    mask: Array | None = None,
 ) -> Array:
     """-sum_y P_T(y|x; tau) log P_S(y|x; tau), averaged over the masked examples.
 
@@ -212,24 +213,23 @@ def topk_correct(logits: Array, labels: Array, k: int) -> Array:
     return jnp.any(top_idx == labels[..., None].astype(top_idx.dtype), axis=-1).astype(jnp.float32)
 
 
-def topk_accuracy(logits: Array, labels: Array, k: int = 1, mask: Optional[Array] = None) -> Array:
-    """Fraction of masked examples whose label is in the top k (0 when the mask is empty)."""
-    return _masked_mean(topk_correct(logits, labels, k), mask)
+def accuracy(logits: Array, labels: Array, mask: Array | None = None) -> Array:
+    """Top-1 accuracy over the masked examples (0 when the mask is empty)."""
+    return _masked_mean(topk_correct(logits, labels, 1), mask)
 
 
-def accuracy(logits: Array, labels: Array, mask: Optional[Array] = None) -> Array:
-    """Top-1 accuracy over the masked examples."""
-    return topk_accuracy(logits, labels, 1, mask)
+def classification_eval_sums(logits: Array, labels: Array, mask: Array) -> dict[str, Array]:
+    """Summed top-1 / top-5 hits and cross-entropy over the real (mask 1) examples of a batch.
 
-
-def masked_count(mask: Optional[Array], batch_size: int) -> Array:
-    """Number of real examples in a batch, for averaging metrics across steps correctly."""
-    if mask is None:
-        return jnp.asarray(batch_size, jnp.float32)
-    return jnp.sum(mask.astype(jnp.float32))
-
-
-__all__ = [
-    "nt_xent_loss", "supervised_cross_entropy", "distillation_loss", "topk_correct",
-    "topk_accuracy", "accuracy", "masked_count",
-]
+    Sums, not means, so that an evaluation pass adds them over batches and divides once by the
+    summed ``count``: exact over the split whatever the padding of the last batch.
+    """
+    mask = mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return {
+        "top1": jnp.sum(topk_correct(logits, labels, 1) * mask),
+        "top5": jnp.sum(topk_correct(logits, labels, k) * mask),
+        "loss": jnp.sum(ce * mask),
+        "count": jnp.sum(mask),
+    }

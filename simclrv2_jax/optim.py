@@ -10,24 +10,24 @@ Parameter naming convention (fixed by the model code, Flax Linen param trees of 
 The official release selects variables by the substrings 'batch_normalization', 'bias' and
 'head_supervised' of their TF names; the rules above pick out the same sets in a Flax tree.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from simclrv2_jax.fields import LR_SCALINGS, OPTIMIZERS
+
 PyTree = Any
-OPTIMIZERS = ("lars", "momentum", "adam")
-LR_SCALINGS = ("linear", "sqrt")
 SUPERVISED_HEAD = "head_supervised"
 
 
-def get_train_steps(num_examples: int, train_epochs: float, batch_size: int,
-                    train_steps: int = 0) -> int:
+def get_train_steps(num_examples: int, train_epochs: float, batch_size: int, train_steps: int = 0) -> int:
     """Number of optimiser steps: `train_steps` if given (> 0), else epochs * examples // B + 1."""
     if train_steps and train_steps > 0:
         return int(train_steps)
@@ -40,8 +40,7 @@ def scaled_learning_rate(base_learning_rate: float, batch_size: int, scaling: st
         return base_learning_rate * batch_size / 256.0
     if scaling == "sqrt":
         return base_learning_rate * math.sqrt(batch_size)
-    raise ValueError(
-        f"Unknown learning_rate_scaling {scaling!r}; expected one of {LR_SCALINGS}.")
+    raise ValueError(f"Unknown learning_rate_scaling {scaling!r}; expected one of {LR_SCALINGS}.")
 
 
 def learning_rate_schedule(
@@ -98,6 +97,7 @@ def decay_mask(params: PyTree) -> PyTree:
     supervised head are excluded from both (the head gets an L2 term in the loss instead, see
     `weight_decay_loss`).
     """
+
     def is_decayed(path, _):
         names = _path_names(path)
         return names[-1] == "kernel" and SUPERVISED_HEAD not in names[:-1]
@@ -115,12 +115,12 @@ def _is_batch_norm_param(names: tuple[str, ...]) -> bool:
 
 
 def lars(
-    learning_rate: Union[float, optax.Schedule],
+    learning_rate: float | optax.Schedule,
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     trust_coefficient: float = 0.001,
-    mask: Union[PyTree, Callable[[PyTree], PyTree]] = decay_mask,
+    mask: PyTree | Callable[[PyTree], PyTree] = decay_mask,
 ) -> optax.GradientTransformation:
     """LARS as in the official SimCLR release (classic momentum, no Nesterov).
 
@@ -149,10 +149,9 @@ def lars(
 def make_optimizer(
     *,
     optimizer: str,
-    learning_rate: Union[float, optax.Schedule],
+    learning_rate: float | optax.Schedule,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
-    params_or_mask: Union[PyTree, Callable[[PyTree], PyTree], None] = None,
 ) -> optax.GradientTransformation:
     """Builds the optimiser named by the config field `optimizer`.
 
@@ -163,22 +162,51 @@ def make_optimizer(
       learning_rate: a float or an optax schedule (evaluated at the optimiser's step count).
       momentum: momentum of 'lars' and 'momentum'.
       weight_decay: used by 'lars' only.
-      params_or_mask: for 'lars', the params tree (the mask is derived with `decay_mask`), a
-        ready-made tree of bools, or a callable params -> mask; None uses `decay_mask` on the fly.
     """
     if optimizer == "lars":
-        if params_or_mask is None or callable(params_or_mask):
-            mask = params_or_mask or decay_mask
-        elif all(isinstance(x, (bool, np.bool_)) for x in jax.tree_util.tree_leaves(params_or_mask)):
-            mask = params_or_mask
-        else:
-            mask = decay_mask(params_or_mask)
-        return lars(learning_rate, momentum=momentum, weight_decay=weight_decay, mask=mask)
+        return lars(learning_rate, momentum=momentum, weight_decay=weight_decay)
     if optimizer == "momentum":
         return optax.sgd(learning_rate, momentum=momentum, nesterov=True)
     if optimizer == "adam":
         return optax.adam(learning_rate)
     raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}.")
+
+
+def trainable_mask(fine_tune_after_block: int) -> Callable[[PyTree], PyTree]:
+    """Params tree -> bool tree, True where a param is trainable under ``fine_tune_after_block``.
+
+    -1 trains everything; 0 freezes the backbone's stem; k in 1..4 the stem and block groups 1..k.
+    Heads are always trainable.
+    """
+    frozen_prefixes = []
+    if fine_tune_after_block >= 0:
+        frozen_prefixes.append("stem")
+    frozen_prefixes += [f"block_group{g}_" for g in range(1, fine_tune_after_block + 1)]
+
+    def trainable(params):
+        def leaf(path, _):
+            names = _path_names(path)
+            if names[0] != "backbone":
+                return True
+            return not any(names[1].startswith(p) for p in frozen_prefixes)
+
+        return jax.tree_util.tree_map_with_path(leaf, params)
+
+    return trainable
+
+
+def freeze(
+    tx: optax.GradientTransformation, trainable: Callable[[PyTree], PyTree]
+) -> optax.GradientTransformation:
+    """``tx`` on the params where ``trainable(params)`` is True; the others get zero updates.
+
+    The updates are zeroed *after* the optimiser, so LARS weight decay cannot move frozen params.
+    """
+
+    def labels(params):
+        return jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable(params))
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def weight_decay_loss(params: PyTree, *, weight_decay: float, optimizer: str) -> jax.Array:
@@ -209,5 +237,6 @@ def weight_decay_loss(params: PyTree, *, weight_decay: float, optimizer: str) ->
 def global_norm(tree: PyTree) -> jax.Array:
     """sqrt of the sum of squares of every leaf (float32), e.g. for logging gradient norms."""
     leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves),
-                        jnp.zeros([], jnp.float32)))
+    return jnp.sqrt(
+        sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros([], jnp.float32))
+    )

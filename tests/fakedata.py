@@ -116,11 +116,11 @@ def pretrain_run(tmp_path_factory, fake_data_dir, jax_compile_cache):
     Returns ``dict(workdir, config, results, snapshots)``; ``snapshots[s]`` is a host copy of the
     state after step ``s`` (taken by a step hook), for comparison with checkpoints of other runs.
     """
-    from simclrv2_jax.configs import pretrain
+    from simclrv2_jax.fields import get_config
     from simclrv2_jax.train import train_stage
 
     workdir = tmp_path_factory.getbasetemp() / "pretrain_uninterrupted"
-    config = tiny(pretrain.get_config("fashion_mnist"), fake_data_dir, train_steps=PRETRAIN_STEPS)
+    config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=PRETRAIN_STEPS)
     snapshots = {}
 
     def snapshot(step, state):

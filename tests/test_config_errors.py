@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from fakedata import flat, read_checkpoint, tiny
 
-from simclrv2_jax import configs, parallel
+from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import CheckpointError
-from simclrv2_jax.configs import finetune, pretrain
 from simclrv2_jax.data import sources
+from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import pretrain as pretrain_stage
 from simclrv2_jax.train import train_stage
+from simclrv2_jax.validation import validate
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -54,33 +55,33 @@ def test_unknown_override_on_the_command_line(tmp_path):
 @pytest.mark.parametrize(
     "stage, field, value",
     [
-        (pretrain, "learning_rate_scaling", "cube"),
-        (pretrain, "train_batch_size", 0),
-        (finetune, "ft_proj_selector", 7),  # the 3-layer head has hiddens[-4..3]
-        (pretrain, "optimizer", "sgd"),
-        (finetune, "label_fraction", 1.5),
+        ("pretrain", "learning_rate_scaling", "cube"),
+        ("pretrain", "train_batch_size", 0),
+        ("finetune", "ft_proj_selector", 7),  # the 3-layer head has hiddens[-4..3]
+        ("pretrain", "optimizer", "sgd"),
+        ("finetune", "label_fraction", 1.5),
     ],
 )
 def test_impossible_value_names_the_field(stage, field, value):
-    config = stage.get_config("fashion_mnist")
-    configs.validate(config)  # the preset itself is fine
+    config = get_config(stage, "fashion_mnist")
+    validate(config)  # the preset itself is fine
     config[field] = value
     with pytest.raises(ValueError) as info:
-        configs.validate(config)
+        validate(config)
     message = str(info.value)
     assert re.search(rf"\b{field}=", message), message
     assert str(value) in message
 
 
 def test_impossible_value_stops_a_run_before_it_starts(tmp_path, fake_data_dir):
-    config = tiny(pretrain.get_config("fashion_mnist"), fake_data_dir, train_steps=2, optimizer="sgd")
+    config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2, optimizer="sgd")
     with pytest.raises(ValueError, match=r"\boptimizer="):
         train_stage(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
 def test_batch_not_divisible_by_devices(tmp_path, fake_data_dir):
-    config = tiny(pretrain.get_config("fashion_mnist"), fake_data_dir, train_steps=2, train_batch_size=12)
+    config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2, train_batch_size=12)
     with pytest.raises(ValueError) as info:
         train_stage(config, str(tmp_path / "run"))  # all 8 devices
     message = str(info.value)
@@ -94,7 +95,7 @@ def test_missing_data_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "DEFAULT_FASHION_MNIST_DIR", str(tmp_path / "no_package"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    config = tiny(pretrain.get_config("fashion_mnist"), empty, train_steps=2)
+    config = tiny(get_config("pretrain", "fashion_mnist"), empty, train_steps=2)
     with pytest.raises(FileNotFoundError) as info:
         train_stage(config, str(tmp_path / "run"))
     message = str(info.value)
@@ -109,7 +110,7 @@ def test_missing_data_names_the_path(tmp_path, monkeypatch):
 def test_explicit_data_dir_without_the_files_is_an_error(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    config = tiny(pretrain.get_config("fashion_mnist"), empty, train_steps=2)
+    config = tiny(get_config("pretrain", "fashion_mnist"), empty, train_steps=2)
     with pytest.raises(FileNotFoundError, match=re.escape(str(empty))):
         pretrain_stage.build(config, parallel.create_mesh(1))
 
@@ -117,7 +118,7 @@ def test_explicit_data_dir_without_the_files_is_an_error(tmp_path):
 def ft_config(data_dir, checkpoint, **overrides):
     # The settings of test_stages' fine-tunes, so that their compiled initialiser is reused.
     return tiny(
-        finetune.get_config("fashion_mnist"),
+        get_config("finetune", "fashion_mnist"),
         data_dir,
         train_steps=2,
         checkpoint=str(checkpoint),

@@ -10,9 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from simclrv2_jax.data import augment
-from simclrv2_jax.data import pipeline
-from simclrv2_jax.data import sources
+from simclrv2_jax.data import augment, pipeline, sources
 
 N = 40  # fake Fashion-MNIST training images, 8x8
 SIZE = 8
@@ -166,12 +164,12 @@ def test_global_batch_on_eight_devices(source):
     )
     local = take(ds, 2)
     batches = [b for b, _ in zip(pipeline.global_iterator(ds, sharding), range(2))]
-    for g, l in zip(batches, local):
+    for g, loc in zip(batches, local):
         assert g["image"].shape == (16, 2, SIZE, SIZE, 3) and g["label"].shape == (16,)
         assert g["image"].sharding == sharding
         assert {s.data.shape for s in g["image"].addressable_shards} == {(2, 2, SIZE, SIZE, 3)}
         for key in ("image", "label", "mask"):
-            np.testing.assert_array_equal(np.asarray(g[key]), l[key])
+            np.testing.assert_array_equal(np.asarray(g[key]), loc[key])
 
 
 # ------------------------------------------------------------------------------------------------

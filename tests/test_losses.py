@@ -1,9 +1,11 @@
 """Losses checked against float64 NumPy references written from SPEC.md, and across device counts."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from simclrv2_jax import losses
 
@@ -32,15 +34,16 @@ def _np_nt_xent(z, temperature, hidden_norm, large_num=1e9):
     return np.mean(loss_a + loss_b), entropy
 
 
-@pytest.mark.parametrize("n,d,temperature,hidden_norm", [
-    (4, 8, 0.5, True), (8, 16, 0.1, True), (5, 3, 1.0, False), (16, 32, 0.2, True)])
+@pytest.mark.parametrize(
+    "n,d,temperature,hidden_norm",
+    [(4, 8, 0.5, True), (8, 16, 0.1, True), (5, 3, 1.0, False), (16, 32, 0.2, True)],
+)
 def test_nt_xent_matches_numpy(n, d, temperature, hidden_norm):
     rng = np.random.RandomState(n * 100 + d)
     z = rng.randn(2 * n, d).astype(np.float32)
     if not hidden_norm:
         z *= 0.3  # keeps unnormalised logits in a range float32 resolves well
-    loss, aux = losses.nt_xent_loss(jnp.asarray(z), temperature=temperature,
-                                    hidden_norm=hidden_norm)
+    loss, aux = losses.nt_xent_loss(jnp.asarray(z), temperature=temperature, hidden_norm=hidden_norm)
     ref_loss, ref_entropy = _np_nt_xent(z, temperature, hidden_norm)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(float(aux["contrast_entropy"]), ref_entropy, rtol=1e-4, atol=1e-6)
@@ -108,20 +111,30 @@ def test_supervised_cross_entropy_matches_numpy_with_mask():
     mask = np.array([1, 0, 1, 1, 0, 1], np.float32)
     ce = -_np_log_softmax(logits.astype(np.float64))[np.arange(6), labels]
     np.testing.assert_allclose(
-        float(losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))),
-        ce.mean(), rtol=1e-6)
+        float(losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels))), ce.mean(), rtol=1e-6
+    )
     np.testing.assert_allclose(
-        float(losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels),
-                                              mask=jnp.asarray(mask))),
-        (ce * mask).sum() / mask.sum(), rtol=1e-6)
+        float(
+            losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), mask=jnp.asarray(mask))
+        ),
+        (ce * mask).sum() / mask.sum(),
+        rtol=1e-6,
+    )
     one_hot = np.eye(5, dtype=np.float32)[labels]
     np.testing.assert_allclose(
-        float(losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(one_hot),
-                                              mask=jnp.asarray(mask), num_classes=5)),
-        (ce * mask).sum() / mask.sum(), rtol=1e-6)
+        float(
+            losses.supervised_cross_entropy(
+                jnp.asarray(logits), jnp.asarray(one_hot), mask=jnp.asarray(mask), num_classes=5
+            )
+        ),
+        (ce * mask).sum() / mask.sum(),
+        rtol=1e-6,
+    )
     # An all-padding batch contributes 0, not NaN.
-    assert float(losses.supervised_cross_entropy(
-        jnp.asarray(logits), jnp.asarray(labels), mask=jnp.zeros(6))) == 0.0
+    assert (
+        float(losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), mask=jnp.zeros(6)))
+        == 0.0
+    )
     with pytest.raises(ValueError, match="num_classes"):
         losses.supervised_cross_entropy(jnp.asarray(logits), jnp.asarray(labels), num_classes=10)
 
@@ -136,34 +149,41 @@ def test_distillation_loss_matches_numpy_and_blocks_teacher_gradient():
     per = -(t * _np_log_softmax(student.astype(np.float64) / tau)).sum(1)
     got = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), temperature=tau)
     np.testing.assert_allclose(float(got), per.mean(), rtol=1e-6)
-    got = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), temperature=tau,
-                                   mask=jnp.asarray(mask))
+    got = losses.distillation_loss(
+        jnp.asarray(student), jnp.asarray(teacher), temperature=tau, mask=jnp.asarray(mask)
+    )
     np.testing.assert_allclose(float(got), (per * mask).sum() / mask.sum(), rtol=1e-6)
 
-    g_teacher = jax.grad(lambda t_: losses.distillation_loss(
-        jnp.asarray(student), t_, temperature=tau))(jnp.asarray(teacher))
+    g_teacher = jax.grad(lambda t_: losses.distillation_loss(jnp.asarray(student), t_, temperature=tau))(
+        jnp.asarray(teacher)
+    )
     assert not np.any(np.asarray(g_teacher))
     # d/ds of the loss is (softmax(s/tau) - p_T) / (tau * B): no tau^2 factor.
-    g_student = jax.grad(lambda s_: losses.distillation_loss(
-        s_, jnp.asarray(teacher), temperature=tau))(jnp.asarray(student))
+    g_student = jax.grad(lambda s_: losses.distillation_loss(s_, jnp.asarray(teacher), temperature=tau))(
+        jnp.asarray(student)
+    )
     s = np.exp(_np_log_softmax(student.astype(np.float64) / tau))
     np.testing.assert_allclose(np.asarray(g_student), (s - t) / (tau * 5), rtol=1e-5, atol=1e-7)
 
 
 def test_topk_correct_and_accuracy():
-    logits = jnp.asarray([[0.1, 0.5, 0.2, 0.0],
-                          [3.0, 1.0, 2.0, 0.0],
-                          [0.0, 0.0, 0.0, 1.0],
-                          [0.0, 0.0, 0.0, 0.0]])
+    logits = jnp.asarray(
+        [[0.1, 0.5, 0.2, 0.0], [3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    )
     labels = jnp.asarray([1, 2, 0, 3])
     # row 0: label is the max; row 1: label is 2nd; row 2: label tied 2nd-4th, wins the tie to the
     # lower index; row 3: all tied, so the top-1/top-2 are classes 0 and 1, not the label 3.
     np.testing.assert_array_equal(losses.topk_correct(logits, labels, 1), [1, 0, 0, 0])
     np.testing.assert_array_equal(losses.topk_correct(logits, labels, 2), [1, 1, 1, 0])
     np.testing.assert_array_equal(losses.topk_correct(logits, labels, 4), [1, 1, 1, 1])
-    np.testing.assert_array_equal(
-        losses.topk_correct(logits, jax.nn.one_hot(labels, 4), 2), [1, 1, 1, 0])
+    np.testing.assert_array_equal(losses.topk_correct(logits, jax.nn.one_hot(labels, 4), 2), [1, 1, 1, 0])
     assert float(losses.accuracy(logits, labels)) == pytest.approx(0.25)
     mask = jnp.asarray([1.0, 1.0, 1.0, 0.0])
-    assert float(losses.topk_accuracy(logits, labels, 2, mask=mask)) == pytest.approx(1.0)
-    assert float(losses.masked_count(mask, 4)) == 3.0
+    assert float(losses.accuracy(logits, labels, mask=mask)) == pytest.approx(1 / 3)
+    # Evaluation sums over the real rows 0-2: top-1 hits [1, 0, 0], top-5 (= all 4 classes) [1, 1, 1],
+    # cross-entropy -log softmax(row)[label] by hand, and the count of real rows.
+    sums = losses.classification_eval_sums(logits, labels, mask)
+    rows = np.asarray(logits)[:3]
+    ce = np.log(np.exp(rows).sum(axis=1)) - rows[np.arange(3), np.asarray(labels)[:3]]
+    assert float(sums["top1"]) == 1.0 and float(sums["top5"]) == 3.0 and float(sums["count"]) == 3.0
+    assert float(sums["loss"]) == pytest.approx(ce.sum(), rel=1e-6)

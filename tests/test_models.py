@@ -4,17 +4,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from np_reference import batch_norm_train, conv2d_same_stride1, conv2d_valid, pad_hw, relu, softmax
-from simclrv2_jax.models import SimCLRModel, model_preset, parameter_counts
+
+from simclrv2_jax.fields import model_preset
+from simclrv2_jax.models import SimCLRModel, parameter_counts
 from simclrv2_jax.models.heads import ProjectionHead
 from simclrv2_jax.models.layers import BatchNorm, Conv, SKConv
 
 # Paper Table 1, backbone parameters in millions.
 PAPER_BACKBONE_MILLIONS = {
-    "r50_1x_sk0": 24, "r50_1x_sk1": 35, "r50_2x_sk0": 94, "r50_2x_sk1": 140,
-    "r101_1x_sk0": 43, "r101_1x_sk1": 65, "r101_2x_sk0": 170, "r101_2x_sk1": 257,
-    "r152_1x_sk0": 58, "r152_1x_sk1": 89, "r152_2x_sk0": 233, "r152_2x_sk1": 354,
+    "r50_1x_sk0": 24,
+    "r50_1x_sk1": 35,
+    "r50_2x_sk0": 94,
+    "r50_2x_sk1": 140,
+    "r101_1x_sk0": 43,
+    "r101_1x_sk1": 65,
+    "r101_2x_sk0": 170,
+    "r101_2x_sk1": 257,
+    "r152_1x_sk0": 58,
+    "r152_1x_sk1": 89,
+    "r152_2x_sk0": 233,
+    "r152_2x_sk1": 354,
     "r152_3x_sk1": 795,
 }
 
@@ -46,8 +56,9 @@ def test_fixed_padding_strided_conv_matches_hand_padded_valid_conv(kernel, size)
     before = (kernel - 1) // 2
     padded = pad_hw(x, before, kernel - 1 - before)
     np.testing.assert_allclose(y, conv2d_valid(padded, w, stride=2), rtol=1e-4, atol=1e-4)
-    lax_ref = jax.lax.conv_general_dilated(padded, w, (2, 2), "VALID",
-                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    lax_ref = jax.lax.conv_general_dilated(
+        padded, w, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     np.testing.assert_allclose(y, np.asarray(lax_ref), rtol=1e-4, atol=1e-4)
 
 
@@ -56,8 +67,9 @@ def test_fixed_padding_differs_from_flax_same_on_even_input():
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 2)).astype(np.float32)
     conv = Conv(features=2, kernel_size=3, strides=2)
     params = conv.init(jax.random.key(0), x)
-    same = jax.lax.conv_general_dilated(x, params["params"]["kernel"], (2, 2), "SAME",
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    same = jax.lax.conv_general_dilated(
+        x, params["params"]["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     assert not np.allclose(np.asarray(conv.apply(params, x)), np.asarray(same), atol=1e-3)
 
 
@@ -73,7 +85,8 @@ def _randomise(tree, seed):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [0.5 + 0.3 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)])
+        treedef, [0.5 + 0.3 * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves)]
+    )
 
 
 @pytest.mark.parametrize("strides", [1, 2])
@@ -83,8 +96,9 @@ def test_sk_conv_matches_numpy(strides):
     module = SKConv(features=features, strides=strides, sk_ratio=sk_ratio, min_dim=min_dim)
     variables = module.init(jax.random.key(0), x, train=True)
     params = _randomise(variables["params"], 3)
-    y, _ = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                        mutable=["batch_stats"])
+    y, _ = module.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+    )
     p = jax.tree_util.tree_map(np.asarray, params)
     w0 = p["conv_0"]["kernel"]
     if strides == 2:
@@ -96,8 +110,11 @@ def test_sk_conv_matches_numpy(strides):
     g = (a + b).mean(axis=(1, 2), keepdims=True)
     mid = max(int(features * sk_ratio), min_dim)
     assert p["conv_1"]["kernel"].shape == (1, 1, features, mid)
-    g = relu(batch_norm_train(conv2d_valid(g, p["conv_1"]["kernel"]), p["bn_1"]["bn"]["scale"],
-                              p["bn_1"]["bn"]["bias"]))
+    g = relu(
+        batch_norm_train(
+            conv2d_valid(g, p["conv_1"]["kernel"]), p["bn_1"]["bn"]["scale"], p["bn_1"]["bn"]["bias"]
+        )
+    )
     g = conv2d_valid(g, p["conv_2"]["kernel"])
     mix = softmax(np.stack([g[..., :features], g[..., features:]]), axis=0)
     ref = mix[0] * a + mix[1] * b
@@ -119,12 +136,17 @@ def test_batch_norm_groups_normalise_each_slice_separately():
 def _head_outputs(mode, layers, selector=None, out_dim=8):
     h = np.random.default_rng(5).normal(size=(6, 12)).astype(np.float32)
     from simclrv2_jax.models.heads import kept_head_layers
+
     num = None if selector is None else kept_head_layers(mode, layers, selector)
     head = ProjectionHead(proj_head_mode=mode, num_proj_layers=layers, proj_out_dim=out_dim, num_layers=num)
     variables = head.init(jax.random.key(0), h, train=True)
     params = _randomise(variables.get("params", {}), 6)
-    hiddens, _ = head.apply({"params": params, "batch_stats": variables.get("batch_stats", {})}, h,
-                            train=True, mutable=["batch_stats"])
+    hiddens, _ = head.apply(
+        {"params": params, "batch_stats": variables.get("batch_stats", {})},
+        h,
+        train=True,
+        mutable=["batch_stats"],
+    )
     return h, jax.tree_util.tree_map(np.asarray, params), [np.asarray(t) for t in hiddens]
 
 
@@ -142,7 +164,9 @@ def test_nonlinear_projection_head_structure_and_values():
     x = h
     ref = [h]
     for name in ("layer_0", "layer_1"):
-        x = relu(batch_norm_train(x @ p[name]["dense"]["kernel"], p[name]["bn"]["scale"], p[name]["bn"]["bias"]))
+        x = relu(
+            batch_norm_train(x @ p[name]["dense"]["kernel"], p[name]["bn"]["scale"], p[name]["bn"]["bias"])
+        )
         ref.append(x)
     ref.append(batch_norm_train(x @ p["layer_2"]["dense"]["kernel"], p["layer_2"]["bn"]["scale"]))
     assert len(hiddens) == 4
@@ -155,8 +179,12 @@ def test_linear_and_none_heads():
     h, p, hiddens = _head_outputs("linear", 3)
     assert sorted(p) == ["layer_0"] and p["layer_0"]["dense"]["kernel"].shape == (12, 8)
     assert sorted(p["layer_0"]["bn"]) == ["scale"]
-    np.testing.assert_allclose(hiddens[1], batch_norm_train(h @ p["layer_0"]["dense"]["kernel"],
-                                                            p["layer_0"]["bn"]["scale"]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        hiddens[1],
+        batch_norm_train(h @ p["layer_0"]["dense"]["kernel"], p["layer_0"]["bn"]["scale"]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
     head = ProjectionHead(proj_head_mode="none")
     out = head.apply({}, h, train=False)
     assert len(out) == 1 and out[0] is h
@@ -175,8 +203,16 @@ def test_ft_proj_selector_out_of_range_is_a_clear_error():
 
 
 def _finetune_model(selector, **kw):
-    return SimCLRModel(resnet_depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=5,
-                       proj_out_dim=8, head_mode="finetune", ft_proj_selector=selector, **kw)
+    return SimCLRModel(
+        resnet_depth=18,
+        width_multiplier=0.25,
+        cifar_stem=True,
+        num_classes=5,
+        proj_out_dim=8,
+        head_mode="finetune",
+        ft_proj_selector=selector,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("selector,expected", [(0, "h"), (1, 1), (-1, 3)])
@@ -200,17 +236,25 @@ def test_supervised_head_reads_selected_hidden(selector, expected):
     np.testing.assert_allclose(np.asarray(out["proj_head_output"]), np.asarray(want), rtol=1e-5, atol=1e-6)
     w = np.asarray(params["head_supervised"]["dense"]["kernel"])
     bias = np.asarray(params["head_supervised"]["dense"]["bias"])
-    np.testing.assert_allclose(np.asarray(out["logits_sup"]), np.asarray(want) @ w + bias, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out["logits_sup"]), np.asarray(want) @ w + bias, rtol=1e-4, atol=1e-5
+    )
 
 
 def test_lineareval_while_pretraining_sends_no_gradient_to_backbone():
     x = np.random.default_rng(8).uniform(size=(4, 16, 16, 3)).astype(np.float32)
-    model = SimCLRModel(resnet_depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=5, proj_out_dim=8)
+    model = SimCLRModel(
+        resnet_depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=5, proj_out_dim=8
+    )
     variables = model.init(jax.random.key(0), x, train=False)
 
     def sup_loss(params):
-        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
-                             mutable=["batch_stats"])
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
         return jnp.sum(out["logits_sup"] ** 2)
 
     grads = jax.grad(sup_loss)(variables["params"])
@@ -268,8 +312,10 @@ def test_initialisers():
 
 def test_resnet_d_shortcut_with_sk():
     model = SimCLRModel(**model_preset("r50_1x_sk1"), num_classes=10)
-    params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32))["params"]
+    params = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, train=False),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )["params"]
     stem = params["backbone"]["stem"]
     assert stem["conv_0"]["kernel"].shape == (3, 3, 3, 32)
     assert stem["conv_1"]["kernel"].shape == (3, 3, 32, 32)
@@ -290,7 +336,9 @@ def test_resnet_d_average_pool_shortcut_values():
     y, _ = module.apply(variables, x, train=True, mutable=["batch_stats"])
     # Pad (0, 1) then 2x2/2 VALID average pooling, then a 1x1 conv and BN.
     padded = pad_hw(x, 0, 1)
-    pooled = (padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2]) / 4
+    pooled = (
+        padded[:, 0::2, 0::2] + padded[:, 1::2, 0::2] + padded[:, 0::2, 1::2] + padded[:, 1::2, 1::2]
+    ) / 4
     ref = batch_norm_train(conv2d_valid(pooled, np.asarray(variables["params"]["conv"]["kernel"])))
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
 
@@ -299,4 +347,3 @@ def test_unknown_depth_is_a_clear_error():
     model = SimCLRModel(resnet_depth=42, width_multiplier=0.25, cifar_stem=True)
     with pytest.raises(ValueError, match="resnet_depth=42"):
         model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False)
-

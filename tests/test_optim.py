@@ -1,4 +1,5 @@
 """Optimiser, masks and schedule checked against hand-written NumPy and hand-computed numbers."""
+
 import math
 
 import jax
@@ -26,8 +27,10 @@ DECAYED = {("conv", "kernel"), ("dense", "kernel"), ("proj", "kernel")}
 
 
 def _flat(tree):
-    return {tuple(k.key for k in path): np.asarray(v, np.float64)
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        tuple(k.key for k in path): np.asarray(v, np.float64)
+        for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _np_lars(params, grads_seq, lrs, momentum, wd, eeta):
@@ -65,8 +68,7 @@ def test_lars_matches_official_update(schedule):
     lr = (lambda count: jnp.asarray(lrs)[count]) if schedule else 0.4
     momentum, wd = 0.9, 0.01
 
-    tx = optim.make_optimizer(optimizer="lars", learning_rate=lr, momentum=momentum,
-                              weight_decay=wd, params_or_mask=params)
+    tx = optim.make_optimizer(optimizer="lars", learning_rate=lr, momentum=momentum, weight_decay=wd)
     p = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
     state = tx.init(p)
     update = jax.jit(tx.update)
@@ -81,8 +83,14 @@ def test_lars_matches_official_update(schedule):
         np.testing.assert_allclose(got[k], ref[k], rtol=2e-5, atol=1e-6, err_msg=str(k))
 
     # Plain momentum SGD (no decay, no trust) on BN, biases and the supervised head, by hand.
-    for k in [("bn", "scale"), ("bn", "bias"), ("dense", "bias"), ("BatchNorm_0", "bias"),
-              ("head_supervised", "kernel"), ("head_supervised", "bias")]:
+    for k in [
+        ("bn", "scale"),
+        ("bn", "bias"),
+        ("dense", "bias"),
+        ("BatchNorm_0", "bias"),
+        ("head_supervised", "kernel"),
+        ("head_supervised", "bias"),
+    ]:
         g = [_flat(gs)[k] for gs in grads_seq]
         v1 = lrs[0] * g[0]
         v2 = momentum * v1 + lrs[1] * g[1]
@@ -96,9 +104,8 @@ def test_lars_mask_forms_agree():
     params = jax.tree_util.tree_map(jnp.asarray, _params(np.random.RandomState(1)))
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     outs = []
-    for pm in [params, optim.decay_mask(params), optim.decay_mask, None]:
-        tx = optim.make_optimizer(optimizer="lars", learning_rate=0.1, weight_decay=1e-2,
-                                  params_or_mask=pm)
+    for mask in [optim.decay_mask(params), optim.decay_mask]:
+        tx = optim.lars(0.1, weight_decay=1e-2, mask=mask)
         outs.append(_flat(tx.update(grads, tx.init(params), params)[0]))
     for o in outs[1:]:
         for k in o:
@@ -146,11 +153,24 @@ def test_scaled_learning_rate():
 
 def test_learning_rate_schedule_values():
     sched = optim.learning_rate_schedule(
-        base_learning_rate=0.5, batch_size=256, num_examples=2560, learning_rate_scaling="linear",
-        warmup_epochs=10, total_steps=300)
+        base_learning_rate=0.5,
+        batch_size=256,
+        num_examples=2560,
+        learning_rate_scaling="linear",
+        warmup_epochs=10,
+        total_steps=300,
+    )
     # warmup_steps = round(10 * 2560 // 256) = 100, scaled lr 0.5, cosine over 200 steps
-    expected = {0: 0.0, 50: 0.25, 99: 0.495, 100: 0.5, 150: 0.5 * 0.5 * (1 + math.cos(math.pi / 4)),
-                200: 0.25, 300: 0.0, 350: 0.0}
+    expected = {
+        0: 0.0,
+        50: 0.25,
+        99: 0.495,
+        100: 0.5,
+        150: 0.5 * 0.5 * (1 + math.cos(math.pi / 4)),
+        200: 0.25,
+        300: 0.0,
+        350: 0.0,
+    }
     for step, lr in expected.items():
         assert float(sched(step)) == pytest.approx(lr, abs=1e-6), step
     jitted = jax.jit(sched)(jnp.asarray(150))
@@ -158,16 +178,26 @@ def test_learning_rate_schedule_values():
 
     # sqrt scaling, fractional warmup epochs: 0.5 * 1000 // 64 = 7.0 -> 7 warmup steps.
     sched = optim.learning_rate_schedule(
-        base_learning_rate=0.1, batch_size=64, num_examples=1000, learning_rate_scaling="sqrt",
-        warmup_epochs=0.5, total_steps=17)
+        base_learning_rate=0.1,
+        batch_size=64,
+        num_examples=1000,
+        learning_rate_scaling="sqrt",
+        warmup_epochs=0.5,
+        total_steps=17,
+    )
     assert float(sched(7)) == pytest.approx(0.8, rel=1e-6)
     assert float(sched(12)) == pytest.approx(0.4, rel=1e-6)  # halfway through 10 cosine steps
     assert float(sched(3)) == pytest.approx(0.8 * 3 / 7, rel=1e-6)
 
     # no warmup: the cosine starts at the full rate
     sched = optim.learning_rate_schedule(
-        base_learning_rate=1.0, batch_size=256, num_examples=1000, learning_rate_scaling="linear",
-        warmup_epochs=0, total_steps=10)
+        base_learning_rate=1.0,
+        batch_size=256,
+        num_examples=1000,
+        learning_rate_scaling="linear",
+        warmup_epochs=0,
+        total_steps=10,
+    )
     assert float(sched(0)) == pytest.approx(1.0)
     assert float(sched(5)) == pytest.approx(0.5, abs=1e-6)
 
@@ -175,7 +205,7 @@ def test_learning_rate_schedule_values():
 def test_weight_decay_loss():
     params = _params(np.random.RandomState(2))
     f = _flat(params)
-    sq = {k: 0.5 * np.sum(v ** 2) for k, v in f.items()}
+    sq = {k: 0.5 * np.sum(v**2) for k, v in f.items()}
     got = optim.weight_decay_loss(params, weight_decay=1e-3, optimizer="lars")
     np.testing.assert_allclose(float(got), 1e-3 * sq[("head_supervised", "kernel")], rtol=1e-6)
     bn = {("bn", "scale"), ("bn", "bias"), ("BatchNorm_0", "scale"), ("BatchNorm_0", "bias")}

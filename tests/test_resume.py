@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, tiny
 
-from simclrv2_jax.configs import pretrain
+from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import train_stage
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
@@ -25,7 +25,7 @@ STATE_PARTS = ("params", "batch_stats", "opt_state", "rng", "step")
 
 
 def config(data_dir, **overrides):
-    return tiny(pretrain.get_config("fashion_mnist"), data_dir, train_steps=N, **overrides)
+    return tiny(get_config("pretrain", "fashion_mnist"), data_dir, train_steps=N, **overrides)
 
 
 def part(state, name):
@@ -195,6 +195,8 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     checkpointer.wait_until_finished()
     checkpointer.close()
     assert (tmp_path / "runs" / "rel" / "checkpoints" / "3" / "state").is_dir()
-    restored, step = load_variables("runs/rel", state, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    restored, step = load_variables(
+        "runs/rel", state, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    )
     assert step == 3
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6.0).reshape(2, 3))

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from simclrv2_jax.data import sources
+from simclrv2_jax.data import sources, subsets
 
 IDX_NAMES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -177,26 +177,26 @@ def _labels():
 
 def test_label_fraction_subset_is_class_balanced():
     labels = _labels()
-    subset = sources.label_fraction_subset(labels, num_classes=3, per_class=20, seed=0)
+    subset = subsets.label_fraction_subset(labels, num_classes=3, per_class=20, seed=0)
     assert subset.dtype == np.int64 and np.all(np.diff(subset) > 0)
     np.testing.assert_array_equal(np.bincount(labels[subset], minlength=3), [20, 20, 20])
     # fraction: round(0.2 * 250 / 3) = 17 per class.
-    subset = sources.label_fraction_subset(labels, num_classes=3, fraction=0.2, seed=0)
+    subset = subsets.label_fraction_subset(labels, num_classes=3, fraction=0.2, seed=0)
     np.testing.assert_array_equal(np.bincount(labels[subset], minlength=3), [17, 17, 17])
 
 
 def test_fashion_mnist_one_percent_is_60_per_class():
     labels = np.repeat(np.arange(10), 6000)
-    subset = sources.label_fraction_subset(labels, num_classes=10, fraction=0.01, seed=3)
+    subset = subsets.label_fraction_subset(labels, num_classes=10, fraction=0.01, seed=3)
     assert len(subset) == 600
     np.testing.assert_array_equal(np.bincount(labels[subset]), [60] * 10)
 
 
 def test_label_fraction_subset_seeds():
     labels = _labels()
-    a = sources.label_fraction_subset(labels, num_classes=3, per_class=10, seed=0)
-    b = sources.label_fraction_subset(labels, num_classes=3, per_class=10, seed=0)
-    c = sources.label_fraction_subset(labels, num_classes=3, per_class=10, seed=1)
+    a = subsets.label_fraction_subset(labels, num_classes=3, per_class=10, seed=0)
+    b = subsets.label_fraction_subset(labels, num_classes=3, per_class=10, seed=0)
+    c = subsets.label_fraction_subset(labels, num_classes=3, per_class=10, seed=1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -204,18 +204,18 @@ def test_label_fraction_subset_seeds():
 def test_label_fraction_subset_errors():
     labels = _labels()
     with pytest.raises(ValueError, match="fewer"):
-        sources.label_fraction_subset(labels, num_classes=3, per_class=51)
+        subsets.label_fraction_subset(labels, num_classes=3, per_class=51)
     with pytest.raises(ValueError, match="exactly one"):
-        sources.label_fraction_subset(labels, num_classes=3)
+        subsets.label_fraction_subset(labels, num_classes=3)
     with pytest.raises(ValueError, match="exactly one"):
-        sources.label_fraction_subset(labels, num_classes=3, fraction=0.1, per_class=5)
+        subsets.label_fraction_subset(labels, num_classes=3, fraction=0.1, per_class=5)
     for fraction in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
-            sources.label_fraction_subset(labels, num_classes=3, fraction=fraction)
+            subsets.label_fraction_subset(labels, num_classes=3, fraction=fraction)
 
 
 def test_labeled_split():
-    assert sources.labeled_split("imagenet2012", 0.01) == ("imagenet2012_subset/1pct", "train")
-    assert sources.labeled_split("imagenet2012", 0.1) == ("imagenet2012_subset/10pct", "train")
-    assert sources.labeled_split("imagenet2012", 0.5) is None
-    assert sources.labeled_split("cifar10", 0.01) is None
+    assert subsets.labeled_split("imagenet2012", 0.01) == ("imagenet2012_subset/1pct", "train")
+    assert subsets.labeled_split("imagenet2012", 0.1) == ("imagenet2012_subset/10pct", "train")
+    assert subsets.labeled_split("imagenet2012", 0.5) is None
+    assert subsets.labeled_split("cifar10", 0.01) is None

@@ -15,7 +15,7 @@ from fakedata import MARKER, flat, host_copy, marked_state, read_checkpoint, tin
 
 from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import CheckpointError
-from simclrv2_jax.configs import distill, finetune
+from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import distill as distill_stage
 from simclrv2_jax.train import finetune as finetune_stage
 from simclrv2_jax.train import loop, train_stage
@@ -37,7 +37,7 @@ def ft_config(data_dir, checkpoint, **overrides):
         "zero_init_logits_layer": True,
     }
     settings.update(overrides)
-    return tiny(finetune.get_config("fashion_mnist"), data_dir, train_steps=STEPS, **settings)
+    return tiny(get_config("finetune", "fashion_mnist"), data_dir, train_steps=STEPS, **settings)
 
 
 def assert_same(actual, expected, what):
@@ -115,7 +115,7 @@ def test_finetune_restores_backbone_and_head_up_to_selector(
     task = finetune_stage.build(config, mesh)
     # Every float leaf of the state handed in holds MARKER: each leaf afterwards is either restored
     # (equal to the checkpoint read back independently) or visibly untouched.
-    state = host_copy(task.initialize(marked_state(task, mesh)))
+    state = host_copy(task.initialize(marked_state(task, mesh), task.tx))
     params, stats = state.params, state.batch_stats
 
     # Only the layers up to the selector exist; the later ones are dropped, weights and statistics.
@@ -233,7 +233,7 @@ def distill_config(data_dir, teacher, **overrides):
         "zero_init_logits_layer": True,
     }
     settings.update(overrides)
-    return tiny(distill.get_config("fashion_mnist"), data_dir, train_steps=STEPS, **settings)
+    return tiny(get_config("distill", "fashion_mnist"), data_dir, train_steps=STEPS, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def distillation(tmp_path_factory, fake_data_dir, finetune_all, mesh):
     """A self-distillation run (same architecture and selector as the teacher) through the shared loop."""
     task = distill_stage.build(distill_config(fake_data_dir, finetune_all["workdir"]), mesh)
     teacher_before = host_copy(task.extra[0])
-    student_start = host_copy(task.initialize(marked_state(task, mesh)))
+    student_start = host_copy(task.initialize(marked_state(task, mesh), task.tx))
     results = loop.run(task, str(tmp_path_factory.mktemp("distill")), mesh=mesh)
     return {
         "task": task,

@@ -17,28 +17,18 @@ In-memory sources permute with ``tf.random.experimental.index_shuffle``, a state
 seed is a pure function of ``(seed, epoch, process_index)``; the files are read in a fixed order,
 so the epoch's order, and therefore resume, is exact there too (the skipped elements of the first
 epoch are read but stay encoded, never decoded or augmented).
-
-TF runs on the CPU only: it must not reserve accelerator memory that JAX needs.
 """
 
 import collections
 import itertools
 import math
-from typing import Callable, Dict, Iterable, Iterator, Optional
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
 import tensorflow as tf
 
-from simclrv2_jax.data import augment
-from simclrv2_jax.data import sources
-
-# Defensive: sources already does this, but the pipeline is what runs next to JAX.
-for _kind in ("GPU", "TPU"):
-    try:
-        tf.config.set_visible_devices([], _kind)
-    except (RuntimeError, ValueError):
-        pass
+from simclrv2_jax.data import augment, sources
 
 # Separate streams so that the order of examples and their augmentation are independent.
 _ORDER_STREAM = 0x0DE5
@@ -77,7 +67,7 @@ def _check_process(process_index: int, process_count: int) -> None:
         raise ValueError(f"Need 0 <= process_index < process_count, got {process_index} and {process_count}.")
 
 
-def _positions(source: sources.DataSource, split: str, indices) -> Optional[np.ndarray]:
+def _positions(source: sources.DataSource, split: str, indices) -> np.ndarray | None:
     if indices is None:
         return None
     n = source.num_examples(split)
@@ -185,7 +175,7 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
     indices=None,
-    shuffle_buffer: Optional[int] = None,
+    shuffle_buffer: int | None = None,
 ) -> tf.data.Dataset:
     """Infinite training batches of this process: ``image`` float32 ``[b, H, W, C]`` (or
     ``[b, num_views, H, W, C]`` when ``num_views > 1``), ``label`` int32 ``[b]``, ``mask`` float32
@@ -240,6 +230,16 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
+def unlabeled_batches(unlabeled: tf.data.Dataset, labeled: tf.data.Dataset | None = None) -> tf.data.Dataset:
+    """Training batches of ``unlabeled`` with their labels dropped (only ``image`` and ``mask`` go on);
+    with a ``labeled`` stream, each batch also carries its ``labeled_image`` and ``labeled_label``."""
+    ds = unlabeled.map(lambda b: {"image": b["image"], "mask": b["mask"]})
+    if labeled is None:
+        return ds
+    both = tf.data.Dataset.zip(ds, labeled)
+    return both.map(lambda u, lab: {**u, "labeled_image": lab["image"], "labeled_label": lab["label"]})
+
+
 def num_eval_batches(
     source: sources.DataSource, split: str, *, local_batch_size: int, process_count: int = 1
 ) -> int:
@@ -292,8 +292,8 @@ def eval_dataset(
 
 
 def make_global_batch(
-    local_batch: Dict[str, np.ndarray], sharding: jax.sharding.Sharding
-) -> Dict[str, jax.Array]:
+    local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
     """Global arrays, sharded on the leading (batch) axis, from every process's local batch."""
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
@@ -302,7 +302,7 @@ def make_global_batch(
 
 def global_iterator(
     ds, sharding: jax.sharding.Sharding, *, prefetch: int = 2
-) -> Iterator[Dict[str, jax.Array]]:
+) -> Iterator[dict[str, jax.Array]]:
     """Global batches from a tf.data dataset (or any iterable of local batches).
 
     Keeps ``prefetch`` batches already transferred, so host-to-device copies overlap the step.

@@ -20,26 +20,9 @@ import gzip
 import logging
 import math
 import os
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
-
-
-from simclrv2_jax.data.subsets import label_fraction_subset, labeled_split  # noqa: F401 (re-exported)
-
-
-def hide_accelerators_from_tf() -> None:
-    """Keeps TF on the CPU so it never reserves GPU/TPU memory that JAX needs."""
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):
-            # Already initialised (too late to change) or no such device type: nothing to hide.
-            pass
-
-
-hide_accelerators_from_tf()
 
 FASHION_MNIST = "fashion_mnist"
 # The Debian package `dataset-fashion-mnist` installs the original IDX files here.
@@ -77,11 +60,11 @@ class DataSource:
 
     name: str
     num_classes: int
-    image_shape: Tuple[Optional[int], Optional[int], int]
+    image_shape: tuple[int | None, int | None, int]
     in_memory: bool
 
     @property
-    def splits(self) -> Tuple[str, ...]:
+    def splits(self) -> tuple[str, ...]:
         raise NotImplementedError
 
     def _check_split(self, split: str) -> None:
@@ -117,7 +100,7 @@ class DataSource:
     def labels(self, split: str) -> np.ndarray:
         raise NotImplementedError
 
-    def arrays(self, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         raise TypeError(f"Data set {self.name!r} is streamed from files, not held in memory.")
 
     def shard_bounds(self, split: str, shard_index: int, num_shards: int) -> np.ndarray:
@@ -140,7 +123,7 @@ class InMemorySource(DataSource):
 
     name: str
     num_classes: int
-    data: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    data: dict[str, tuple[np.ndarray, np.ndarray]]
     in_memory: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
@@ -187,7 +170,7 @@ class TfdsSource(DataSource):
     process opens only its own part of the files.
     """
 
-    def __init__(self, builder, name: Optional[str] = None):
+    def __init__(self, builder, name: str | None = None):
         self.builder = builder
         self.name = name or builder.info.full_name
         keys = builder.info.supervised_keys
@@ -286,7 +269,7 @@ def read_idx(path: str) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="))
 
 
-def _fashion_mnist_dir(data_dir: Optional[str]) -> str:
+def _fashion_mnist_dir(data_dir: str | None) -> str:
     # An explicit data_dir is the only place looked at: silently falling back to the Debian package
     # would train on other data than the user named.
     candidates = [os.fspath(data_dir)] if data_dir else [DEFAULT_FASHION_MNIST_DIR]
@@ -302,7 +285,7 @@ def _fashion_mnist_dir(data_dir: Optional[str]) -> str:
     )
 
 
-def load_fashion_mnist(data_dir: Optional[str] = None) -> InMemorySource:
+def load_fashion_mnist(data_dir: str | None = None) -> InMemorySource:
     directory = _fashion_mnist_dir(data_dir)
     logging.info("Reading Fashion-MNIST from %s", directory)
     data = {}
@@ -322,7 +305,7 @@ def load_fashion_mnist(data_dir: Optional[str] = None) -> InMemorySource:
 # Entry points.
 
 
-def _tfds_builder(dataset: str, data_dir: Optional[str]):
+def _tfds_builder(dataset: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
     try:
@@ -364,9 +347,7 @@ def _tfds_to_memory(source: TfdsSource) -> InMemorySource:
     return InMemorySource(name=source.name, num_classes=source.num_classes, data=data)
 
 
-def get_source(
-    dataset: str, data_dir: Optional[str] = None, *, in_memory: Optional[bool] = None
-) -> DataSource:
+def get_source(dataset: str, data_dir: str | None = None, *, in_memory: bool | None = None) -> DataSource:
     """The data source named ``dataset``.
 
     ``fashion_mnist`` is read from its IDX files (``data_dir`` when it holds them, else the Debian

@@ -1,8 +1,5 @@
-"""SK-ResNet backbones, SimCLRv2 heads and named model presets."""
+"""SK-ResNet backbones and the SimCLRv2 heads; named architectures are in ``simclrv2_jax.fields``."""
 
-from simclrv2_jax.models.presets import MODEL_PRESETS, model_preset, parameter_counts
-from simclrv2_jax.models.resnet import BLOCK_SPECS, ENDPOINT_NAMES, ResNet
-from simclrv2_jax.models.simclr import SimCLRModel
+from simclrv2_jax.models.simclr import SimCLRModel, parameter_counts
 
-__all__ = ["BLOCK_SPECS", "ENDPOINT_NAMES", "MODEL_PRESETS", "ResNet", "SimCLRModel", "model_preset",
-           "parameter_counts"]
+__all__ = ["SimCLRModel", "parameter_counts"]

@@ -1,30 +1,24 @@
 """2-D convolution (NHWC x HWIO) with a faster training step on the CPU backend.
 
 Why. A training step runs three convolutions per layer: forward, input gradient (dx) and weight
-gradient (dw). On the 2-core CPU machines (AMD EPYC with AVX-512; JAX 0.10.2, whose XLA runs
-convolutions through YNNPACK/Eigen; f32 matmul ceiling ~350 GFLOP/s on a quiet machine) XLA is
-uneven across them. Medians from `python -m benchmarks.conv_cpu --sweep --extra` (the machines are
-shared, so numbers move by +-30% from run to run; the JSON keeps each run's load average):
+gradient (dw), and XLA's CPU backend is uneven across them. The measured figures behind every choice
+below are in ``benchmarks/results/conv_cpu.json`` (``python -m benchmarks.conv_cpu --sweep --extra``
+measures them on the machine at hand, per layer shape, XLA against the alternatives):
 
-* 1x1 convs are slow in all three directions, dw worst: 64->256 7x7 b256 runs fwd/dx/dw at
-  ~145/90/45 GFLOP/s, and 1x1 s2 64->128 28x28 b256 has dw at 4-10. As one matmul the first runs
-  at ~310/220/180 (fwd+bwd 15.9 -> 5.5 ms). So a 1x1 conv is (strided slice of x) @ W, and JAX's
-  autodiff of that gives the two gradient matmuls.
-* XLA's dw of a kxk conv collapses on big layers: 3x3 128->128 16x16 is ~105-130 GFLOP/s at
-  batch 128 but 25-50 at batch 256-512 (32->32 and 64->64 on 32x32 and 16x16 images likewise),
-  while a loop over the kernel taps of `(N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout)` matmuls on shifted
-  (strided) slices of the padded input ("taps") holds ~65-145: fwd+bwd 1.7x faster at 128ch 16x16
-  b256, 3x at b512. On smaller layers XLA's dw is as fast or faster (16-64 channels at 7-28 px,
-  batch 256: XLA 55-110, taps 20-105), so taps is used only above a size threshold (`cpu_plan`)
-  and, for strided convs, from 128 channels up.
-* Strided kxk convs: XLA computes dx by convolving a zero-dilated gradient, ~40 GFLOP/s against
-  ~130 forward for 3x3 s2 32->64 28x28 b256. Splitting the kernel into its s*s stride-phase
-  sub-kernels turns dx into one dense stride-1 conv with s*s*Cin output channels plus a
-  depth-to-space reshape ("subpixel"): ~90-120 GFLOP/s (fwd+bwd 1.2-1.5x). With more input
-  channels or small images XLA's dx is already fast, and wins.
-* The "13 GFLOP/s weight gradient" of DESIGN.md (3x3 128->128 16x16 b128) did not reproduce here:
-  100-130 in quiet moments; numbers like it appear only at larger batches.
-  `SIMCLR_FAST_CPU_CONV=taps` forces taps for every kxk dw, for CPUs where XLA's is always slow.
+* 1x1 convs are slow in all three directions, dw worst; as one matmul they are several times
+  faster. So a 1x1 conv is (strided slice of x) @ W, and JAX's autodiff of that gives the two
+  gradient matmuls.
+* XLA's dw of a kxk conv collapses on big layers (large batch times image size times channels),
+  while a loop over the kernel taps of ``(N*Ho*Wo, Cin)^T @ (N*Ho*Wo, Cout)`` matmuls on shifted
+  (strided) slices of the padded input ("taps") holds up. On smaller layers XLA's dw is as fast or
+  faster, so taps is used only above a size threshold (``cpu_plan``) and, for strided convs, from
+  128 channels up.
+* Strided kxk convs: XLA computes dx by convolving a zero-dilated gradient. Splitting the kernel
+  into its s*s stride-phase sub-kernels turns dx into one dense stride-1 conv with s*s*Cin output
+  channels plus a depth-to-space reshape ("subpixel"), faster for few input channels on large
+  images; elsewhere XLA's dx is already fast, and wins.
+* Machines differ (AVX-512 against AVX2 only, for one): ``SIMCLR_FAST_CPU_CONV=taps`` forces taps
+  for every kxk dw, for CPUs where XLA's is always slow; ``=0`` keeps XLA everywhere.
 
 How. `conv2d` decides at trace time (`cpu_plan`, from the layer's static shapes): 1x1 -> matmul;
 otherwise XLA's forward conv, wrapped in a `jax.custom_vjp` whose backward uses "subpixel" and/or
@@ -39,8 +33,8 @@ function is traced, so set it before the first `jit` call.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +43,7 @@ from jax import lax
 DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 ENV_VAR = "SIMCLR_FAST_CPU_CONV"
 
-Padding = Union[str, int, Sequence[tuple[int, int]]]
+Padding = str | int | Sequence[tuple[int, int]]
 
 # Backward methods: for the input gradient (dx) and the weight gradient (dw).
 DX_METHODS = ("xla", "subpixel")
@@ -96,12 +90,11 @@ def conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_grou
 def cpu_plan(x_shape, kernel_shape, strides, padding: Padding) -> tuple[str, str, str]:
     """(forward, input-gradient, weight-gradient) methods `conv2d` uses for a layer on the CPU.
 
-    From measurements on the 2-core CPU machines (module docstring; reproduce with
-    `python -m benchmarks.conv_cpu --sweep --extra`):
+    From measurements on 2-core CPU machines (``benchmarks/results/conv_cpu.json``):
     * 1x1: one matmul, forward too; its autodiff is the two gradient matmuls.
     * kxk dw: "taps" once the layer is big -- N*Ho*Wo*min(Cin, Cout) >= 2**23 with both channel
-      counts >= 32 -- where XLA's weight gradient falls to 20-50 GFLOP/s; for strided convs also
-      from 128 channels up. Smaller layers keep XLA's, which is as fast or faster there.
+      counts >= 32 -- where XLA's weight gradient slows down most; for strided convs also from 128
+      channels up. Smaller layers keep XLA's, which is as fast or faster there.
     * kxk dx: XLA's, except "subpixel" for strided convs with Cin <= 32 on images of >= 24x24.
     """
     strides = _pair(strides)

@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from simclrv2_jax.fields import PROJ_HEAD_MODES
 from simclrv2_jax.models.layers import BATCH_NORM_DECAY, dense_bn_layer, head_kernel_init
-
-PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 
 
 def num_head_layers(proj_head_mode: str, num_proj_layers: int) -> int:
@@ -61,8 +60,9 @@ class ProjectionHead(nn.Module):
         for j in range(build):
             last = j == total - 1
             if last:
-                x = dense_bn_layer(self.proj_out_dim, use_bn=True, use_bias=False, name=f"layer_{j}",
-                                   **common)(x, train)
+                x = dense_bn_layer(
+                    self.proj_out_dim, use_bn=True, use_bias=False, name=f"layer_{j}", **common
+                )(x, train)
             else:
                 x = dense_bn_layer(None, use_bn=True, use_bias=True, name=f"layer_{j}", **common)(x, train)
                 x = nn.relu(x)
@@ -80,6 +80,12 @@ class SupervisedHead(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros if self.zero_init else head_kernel_init
-        logits = nn.Dense(self.num_classes, use_bias=True, kernel_init=init, dtype=self.dtype,
-                          param_dtype=jnp.float32, name="dense")(x)
+        logits = nn.Dense(
+            self.num_classes,
+            use_bias=True,
+            kernel_init=init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="dense",
+        )(x)
         return logits.astype(jnp.float32)

@@ -37,16 +37,6 @@ BLOCK_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 
-ENDPOINT_NAMES = (
-    "initial_conv",
-    "initial_max_pool",
-    "block_group1",
-    "block_group2",
-    "block_group3",
-    "block_group4",
-    "final_avg_pool",
-)
-
 
 def scaled_width(base: int, width_multiplier: float) -> int:
     """Channel count ``base * width_multiplier`` as an integer (at least 1)."""
@@ -76,12 +66,13 @@ class Shortcut(nn.Module):
             x = Conv(self.features, 1, 1, dtype=self.dtype, name="conv")(x)
         else:
             x = Conv(self.features, 1, self.strides, dtype=self.dtype, name="conv")(x)
-        return BNReLU(relu=False, num_groups=self.num_groups, momentum=self.momentum,
-                      dtype=self.dtype, name="bn")(x, train)
+        return BNReLU(
+            relu=False, num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype, name="bn"
+        )(x, train)
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convs; the last BN starts at gamma 0."""
+class ResidualBlock(nn.Module):
+    """The settings every residual block has; subclasses define the branch."""
 
     features: int
     strides: int
@@ -92,12 +83,18 @@ class BasicBlock(nn.Module):
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
+
+class BasicBlock(ResidualBlock):
+    """Two 3x3 convs; the last BN starts at gamma 0."""
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
         shortcut = x
         if self.use_projection:
-            shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, **bn, name="shortcut")(x, train)
+            shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, **bn, name="shortcut")(
+                x, train
+            )
         y = Conv(self.features, 3, self.strides, dtype=self.dtype, name="conv_0")(x)
         y = BNReLU(**bn, name="bn_0")(y, train)
         y = Conv(self.features, 3, 1, dtype=self.dtype, name="conv_1")(y)
@@ -107,25 +104,17 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(ResidualBlock):
     """1x1 -> 3x3/s (or SK) -> 1x1 (4x filters); the last BN starts at gamma 0."""
-
-    features: int
-    strides: int
-    use_projection: bool
-    sk_ratio: float = 0.0
-    se_ratio: float = 0.0
-    num_groups: int = 1
-    momentum: float = BATCH_NORM_DECAY
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
         shortcut = x
         if self.use_projection:
-            shortcut = Shortcut(4 * self.features, self.strides, self.sk_ratio > 0, **bn,
-                                name="shortcut")(x, train)
+            shortcut = Shortcut(4 * self.features, self.strides, self.sk_ratio > 0, **bn, name="shortcut")(
+                x, train
+            )
         y = Conv(self.features, 1, 1, dtype=self.dtype, name="conv_0")(x)
         y = BNReLU(**bn, name="bn_0")(y, train)
         if self.sk_ratio > 0:
@@ -202,8 +191,9 @@ class ResNet(nn.Module):
 
         endpoints: dict[str, jax.Array] = {}
         x = x.astype(self.dtype)
-        initial_conv, x = Stem(self.width_multiplier, self.sk_ratio, self.cifar_stem, **bn,
-                               name="stem")(x, part_train(0))
+        initial_conv, x = Stem(self.width_multiplier, self.sk_ratio, self.cifar_stem, **bn, name="stem")(
+            x, part_train(0)
+        )
         endpoints["initial_conv"] = initial_conv
         endpoints["initial_max_pool"] = x
         x = maybe_freeze(0, x)

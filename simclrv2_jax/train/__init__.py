@@ -1,4 +1,4 @@
-"""Training: the shared loop and each stage's step functions."""
+"""Training: the shared loop (loop.py), the one train/eval step (step.py) and each stage's set-up."""
 
 from __future__ import annotations
 
@@ -7,15 +7,18 @@ from typing import Any
 
 import ml_collections
 
-STAGE_MODULES = {"pretrain": "simclrv2_jax.train.pretrain", "finetune": "simclrv2_jax.train.finetune",
-                 "distill": "simclrv2_jax.train.distill"}
+STAGE_MODULES = {
+    "pretrain": "simclrv2_jax.train.pretrain",
+    "finetune": "simclrv2_jax.train.finetune",
+    "distill": "simclrv2_jax.train.distill",
+}
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str, mesh=None, **loop_kwargs: Any) -> dict:
     """Validates ``config`` and trains its stage in ``workdir`` (resuming if it holds a checkpoint)."""
     from simclrv2_jax import parallel
-    from simclrv2_jax.configs.base import validate
     from simclrv2_jax.train import loop
+    from simclrv2_jax.validation import validate
 
     validate(config)
     mesh = mesh or parallel.create_mesh()

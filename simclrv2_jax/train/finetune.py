@@ -19,57 +19,58 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from simclrv2_jax import checkpoints, parallel
-from simclrv2_jax.train import common
-from simclrv2_jax.train.state import Task, TrainState
+from simclrv2_jax import checkpoints, losses, optim
+from simclrv2_jax.data.sources import DataSource
+from simclrv2_jax.train import components
+from simclrv2_jax.train.task import Task
 
 
-def restore_from(mesh: Mesh, tx, path: str, what: str, *, keep_head: bool):
-    """``initialize`` for a stage that starts from another stage's weights (the head only if asked)."""
-
-    def initialize(state: TrainState) -> TrainState:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        target = jax.tree_util.tree_map(lambda x: x, variables)
-        if not keep_head:
-            target["params"] = {k: v for k, v in target["params"].items() if k != "head_supervised"}
-        restored, step = checkpoints.load_variables(path, target, sharding=parallel.replicated(mesh),
-                                                    what=what)
-        params = dict(state.params)
-        params.update(restored["params"])
-        logging.info("Initialised from the %s at %s (step %d): %s", what, path, step, sorted(restored["params"]))
-        return state.replace(params=params, batch_stats=restored["batch_stats"], opt_state=tx.init(params))
-    return initialize
+def supervised_loss(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict]:
+    """Cross-entropy of the supervised head on the labeled batch."""
+    logits = outputs["logits_sup"]
+    sup_loss = losses.supervised_cross_entropy(logits, batch["label"], batch["mask"])
+    return sup_loss, {"sup_loss": sup_loss, "sup_acc": losses.accuracy(logits, batch["label"], batch["mask"])}
 
 
-def build(config: ml_collections.ConfigDict, mesh: Mesh) -> Task:
-    source = common.load_source(config)
-    classes = common.num_classes(config, source)
-    train_source, split, indices, num_labeled = common.labeled_data(config, source)
-    model = common.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
-    steps = common.total_steps(config, num_labeled)
-    trainable = common.frozen_mask_fn(config.fine_tune_after_block) if config.fine_tune_after_block >= 0 else None
-    tx, schedule = common.optimizer(config, num_labeled, steps, trainable_mask=trainable)
-    train_step, eval_step = common.supervised_step_fns(model, tx, schedule, config)
+def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
+    source = source or components.load_source(config)
+    classes = components.num_classes(config, source)
+    train_source, split, indices, num_labeled = components.labeled_data(config, source)
+    model = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
+    trainable = None
+    if config.fine_tune_after_block >= 0:
+        trainable = optim.trainable_mask(config.fine_tune_after_block)
     initialize = None
     if config.checkpoint:
         checkpoints.checkpoint_dir(config.checkpoint)  # a wrong path fails now, not after compiling
-        initialize = restore_from(mesh, tx, config.checkpoint, "pretraining checkpoint",
-                                  keep_head=config.init_head_from_checkpoint)
+        initialize = checkpoints.initialize_from(
+            config.checkpoint,
+            mesh,
+            what="pretraining checkpoint",
+            keep_head=config.init_head_from_checkpoint,
+        )
     else:
-        logging.warning("finetune: config.checkpoint is empty, so the model starts from random weights "
-                        "(a supervised-only baseline).")
+        logging.warning(
+            "finetune: config.checkpoint is empty, so the model starts from random weights "
+            "(a supervised-only baseline)."
+        )
     return Task(
         name="finetune" if config.checkpoint else "supervised",
         config=config,
-        total_steps=steps,
-        init_variables=common.init_fn(model, config.image_size, source.image_shape[-1]),
-        tx=tx,
-        train_step=train_step,
-        train_data=common.train_data_fn(config, train_source, mesh, num_views=1, contrastive=False,
-                                        split=split, indices=indices),
-        eval_step=eval_step,
-        eval_data=common.eval_data_fn(config, source, mesh),
+        model=model,
+        image_shape=components.image_shape(config, source),
+        num_examples=num_labeled,
+        loss_fn=supervised_loss,
+        trainable=trainable,
+        train_data=components.train_data_fn(
+            config, train_source, mesh, num_views=1, contrastive=False, split=split, indices=indices
+        ),
+        eval_data=components.eval_data_fn(config, source, mesh),
         initialize=initialize,
-        info={"num_labeled_examples": num_labeled, "num_classes": classes, "dataset": config.dataset,
-              "init_checkpoint": config.checkpoint},
+        info={
+            "num_labeled_examples": num_labeled,
+            "num_classes": classes,
+            "dataset": config.dataset,
+            "init_checkpoint": config.checkpoint,
+        },
     )

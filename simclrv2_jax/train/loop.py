@@ -16,7 +16,8 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from jax.sharding import Mesh
 from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import Checkpointer
 from simclrv2_jax.data.pipeline import global_iterator
-from simclrv2_jax.train.state import Task, TrainState, create_train_state
+from simclrv2_jax.train.state import TrainState, create_train_state
+from simclrv2_jax.train.task import Task
 
 
 class _StopRequested:
@@ -39,7 +41,7 @@ class _StopRequested:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_StopRequested":
+    def __enter__(self) -> _StopRequested:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handler)
         return self
@@ -94,8 +96,11 @@ class _History:
         self.path = path
         self.rows: list[str] = []
         if path.exists():
-            self.rows = [line for line in path.read_text().splitlines()
-                         if line.strip() and json.loads(line)["step"] <= start_step]
+            self.rows = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
 
     def add(self, step: int, record: dict[str, float]) -> None:
         if jax.process_index() != 0:
@@ -104,8 +109,13 @@ class _History:
         self.path.write_text("\n".join(self.rows) + "\n")
 
 
-def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
-        step_hooks: Iterable[Callable[[int, TrainState], None]] = ()) -> dict[str, Any]:
+def run(
+    task: Task,
+    workdir: str,
+    *,
+    mesh: Mesh | None = None,
+    step_hooks: Iterable[Callable[[int, TrainState], None]] = (),
+) -> dict[str, Any]:
     """Trains ``task`` in ``workdir`` to ``task.total_steps``; returns what results.json holds."""
     t_run = time.time()
     config = task.config
@@ -123,10 +133,12 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     abstract = jax.eval_shape(init)
     state_sharding = jax.tree_util.tree_map(lambda _: rep, abstract)
     abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding)
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
 
-    checkpointer = Checkpointer(workdir, max_to_keep=config.keep_checkpoint_max,
-                                save_interval_steps=config.checkpoint_steps)
+    checkpointer = Checkpointer(
+        workdir, max_to_keep=config.keep_checkpoint_max, save_interval_steps=config.checkpoint_steps
+    )
     latest = checkpointer.latest_step()
     if latest is not None:
         logging.info("Resuming %s from the checkpoint at step %d in %s", task.name, latest, workdir)
@@ -134,17 +146,22 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     else:
         state = jax.jit(init, out_shardings=state_sharding)()
         if task.initialize is not None:
-            state = task.initialize(state)
+            state = task.initialize(state, task.tx)
     _write_json(workdir_path / "config.json", config.to_dict())
     start_step = int(jax.device_get(state.step))
     total = task.total_steps
 
-    train_fn = jax.jit(task.train_step, in_shardings=(state_sharding, data, *task.extra_shardings),
-                       out_shardings=(state_sharding, rep), donate_argnums=(0,))
+    train_fn = jax.jit(
+        task.train_step,
+        in_shardings=(state_sharding, data, *task.extra_shardings),
+        out_shardings=(state_sharding, rep),
+        donate_argnums=(0,),
+    )
     eval_fn = None
     if task.eval_step is not None and task.eval_data is not None:
-        eval_fn = jax.jit(task.eval_step, in_shardings=(state_sharding, data, *task.extra_shardings),
-                          out_shardings=rep)
+        eval_fn = jax.jit(
+            task.eval_step, in_shardings=(state_sharding, data, *task.extra_shardings), out_shardings=rep
+        )
 
     # TensorBoard only: the loop logs its own one-line summary, clu's LoggingWriter would repeat it.
     if jax.process_index() == 0:
@@ -152,17 +169,28 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
     else:
         writer = metric_writers.MultiWriter([])
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in config.to_dict().items()
-                              if isinstance(v, (int, float, str, bool))})
-    hooks: list[Any] = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                                        every_steps=config.log_every_steps)]
+        writer.write_hparams(
+            {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
+    hooks: list[Any] = [
+        periodic_actions.ReportProgress(
+            num_train_steps=total, writer=writer, every_steps=config.log_every_steps
+        )
+    ]
     if config.get("profile", False) and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5,
-                                              first_profile=start_step + 10))
+        hooks.append(
+            periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start_step + 10)
+        )
     history = _History(workdir_path / "history.jsonl", start_step)
 
-    logging.info("%s: steps %d -> %d, global batch %d over %d device(s)", task.name, start_step, total,
-                 config.train_batch_size, mesh.devices.size)
+    logging.info(
+        "%s: steps %d -> %d, global batch %d over %d device(s)",
+        task.name,
+        start_step,
+        total,
+        config.train_batch_size,
+        mesh.devices.size,
+    )
     train_iter = global_iterator(task.train_data(start_step), data)
     collected: list[dict[str, jax.Array]] = []
     train_summary: dict[str, float] = {}
@@ -194,14 +222,24 @@ def run(task: Task, workdir: str, *, mesh: Mesh | None = None,
                         raise FloatingPointError(
                             f"{task.name}: non-finite training metrics at step {step}: {train_summary}. "
                             "Lower --config.learning_rate or check the data; the last good checkpoint "
-                            f"is kept in {checkpointer.directory}.")
+                            f"is kept in {checkpointer.directory}."
+                        )
                     log_record(step, {f"train/{k}": v for k, v in train_summary.items()})
-                    logging.info("%s step %d/%d: %s", task.name, step, total,
-                                 ", ".join(f"{k}={v:.4g}" for k, v in sorted(train_summary.items())))
+                    logging.info(
+                        "%s step %d/%d: %s",
+                        task.name,
+                        step,
+                        total,
+                        ", ".join(f"{k}={v:.4g}" for k, v in sorted(train_summary.items())),
+                    )
                 if step % config.checkpoint_steps == 0 and step < total:
                     checkpointer.save(step, state, config)
-                if eval_fn is not None and config.eval_every_steps and step % config.eval_every_steps == 0 \
-                        and step < total:
+                if (
+                    eval_fn is not None
+                    and config.eval_every_steps
+                    and step % config.eval_every_steps == 0
+                    and step < total
+                ):
                     eval_summary = evaluate(task, state, eval_fn, data)
                     log_record(step, {f"eval/{k}": v for k, v in eval_summary.items()})
                     logging.info("%s eval at step %d: %s", task.name, step, eval_summary)

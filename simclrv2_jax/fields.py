@@ -1,0 +1,224 @@
+"""Config fields: each group of fields, each list of choices and each shared default, defined once.
+
+The stage configs (``configs/pretrain.py``, ``configs/finetune.py``, ``configs/distill.py`` at the
+repository root) build on ``base_config`` and the presets here. This module imports nothing but
+``ml_collections`` so that loading a config is instant and never touches an accelerator.
+
+Field names follow the authors' public release wherever one exists (``train_batch_size``,
+``learning_rate_scaling``, ``ft_proj_selector``, ...), so a command carries over. Every field is
+top-level and overridable: ``--config.train_batch_size=1024``. Unknown fields are rejected by the
+locked ConfigDict; impossible values by ``simclrv2_jax.validation.validate``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+
+# ---- Lists of choices.
+STAGES = ("pretrain", "finetune", "distill")
+OPTIMIZERS = ("lars", "momentum", "adam")
+LR_SCALINGS = ("linear", "sqrt")
+DTYPES = ("float32", "bfloat16")
+PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
+
+# ---- Groups of fields that travel together.
+# The network's shape: what a checkpoint must match to be restored into a model.
+ARCH_FIELDS = (
+    "resnet_depth",
+    "width_multiplier",
+    "sk_ratio",
+    "se_ratio",
+    "proj_head_mode",
+    "num_proj_layers",
+    "proj_out_dim",
+)
+# What the stages of one pipeline share: the data and the seed.
+SHARED_DATA_FIELDS = ("dataset", "data_dir", "train_split", "eval_split", "image_size", "num_classes", "seed")
+# The labeled subset (fine-tuning, the baseline, distillation's optional labeled loss).
+LABEL_FIELDS = ("label_fraction", "examples_per_class", "label_seed")
+
+SK_RATIO = 0.0625  # the paper's "SK1"
+
+
+def _paper_presets() -> dict[str, dict[str, Any]]:
+    presets = {}
+    for depth in (50, 101, 152, 200):
+        for width in (1, 2, 3):
+            for sk in (0, 1):
+                presets[f"r{depth}_{width}x_sk{sk}"] = dict(
+                    resnet_depth=depth, width_multiplier=float(width), sk_ratio=SK_RATIO * sk
+                )
+    return presets
+
+
+# Named architectures: ``r{depth}_{width}x_sk{0,1}`` as in the paper, plus small CPU models. A preset
+# fixes only depth, width and SK; the stem follows the image size (the CIFAR stem for 32 px or less).
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    **_paper_presets(),
+    "r18_1x": dict(resnet_depth=18, width_multiplier=1.0, sk_ratio=0.0),
+    "r18_0.5x": dict(resnet_depth=18, width_multiplier=0.5, sk_ratio=0.0),
+    "r18_0.25x": dict(resnet_depth=18, width_multiplier=0.25, sk_ratio=0.0),
+    "r34_1x": dict(resnet_depth=34, width_multiplier=1.0, sk_ratio=0.0),
+}
+
+# Each preset data set: its tfds name, splits and image size, and the evaluation batch and logging
+# cadence that suit its size (the same in every stage).
+DATASETS = {
+    "imagenet": dict(
+        dataset="imagenet2012",
+        train_split="train",
+        eval_split="validation",
+        image_size=224,
+        eval_batch_size=1024,
+    ),
+    "cifar10": dict(
+        dataset="cifar10", train_split="train", eval_split="test", image_size=32, eval_batch_size=1000
+    ),
+    "fashion_mnist": dict(
+        dataset="fashion_mnist",
+        train_split="train",
+        eval_split="test",
+        image_size=28,
+        eval_batch_size=1000,
+        checkpoint_steps=200,
+        log_every_steps=25,
+    ),
+}
+
+
+def model_preset(name: str) -> dict[str, Any]:
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}. Known presets: {', '.join(sorted(MODEL_PRESETS))}.")
+    return dict(MODEL_PRESETS[name])
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    """The fields every stage has, with their defaults."""
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.seed = 0
+
+    # Data.
+    c.dataset = "fashion_mnist"
+    c.data_dir = ""  # '' = the data set's default location (tfds default, or the Debian package)
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.image_size = 28
+    c.num_classes = 0  # 0 = from the data set
+
+    # Model (presets fill these in).
+    c.resnet_depth = 18
+    c.width_multiplier = 0.25
+    c.sk_ratio = 0.0
+    c.se_ratio = 0.0
+    c.proj_head_mode = "nonlinear"
+    c.num_proj_layers = 3
+    c.proj_out_dim = 128
+    c.ft_proj_selector = 0
+    c.global_bn = True
+    c.batch_norm_decay = 0.9
+    c.compute_dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
+
+    # Optimisation.
+    c.train_batch_size = 256
+    c.train_epochs = 100.0
+    c.train_steps = 0  # > 0 overrides train_epochs
+    c.learning_rate = 0.3
+    c.learning_rate_scaling = "linear"
+    c.warmup_epochs = 10.0
+    c.weight_decay = 1e-6
+    c.momentum = 0.9
+    c.optimizer = "lars"
+
+    # Augmentation.
+    c.color_jitter_strength = 1.0
+    c.use_blur = True
+
+    # Evaluation, logging, checkpoints.
+    c.eval_batch_size = 256
+    c.eval_every_steps = 0  # 0 = evaluate at the end only
+    c.log_every_steps = 50
+    c.checkpoint_steps = 1000
+    c.keep_checkpoint_max = 5
+    c.checkpoint = ""  # checkpoint (or earlier stage's workdir) to start from
+    c.profile = False  # write a profiler trace of a few steps to the workdir
+    return c
+
+
+def add_finetune_fields(c: ml_collections.ConfigDict) -> None:
+    """The labeled subset and the fine-tuned network's fields (fine-tuning and distillation)."""
+    c.label_fraction = 1.0
+    c.examples_per_class = 0  # > 0 overrides label_fraction
+    c.label_seed = 0
+    c.fine_tune_after_block = -1
+    c.zero_init_logits_layer = False
+    c.init_head_from_checkpoint = False
+
+
+def apply_dataset(config: ml_collections.ConfigDict, name: str) -> None:
+    config.update(DATASETS[name])
+
+
+def apply_model_preset(config: ml_collections.ConfigDict, name: str) -> None:
+    config.update(model_preset(name))
+
+
+Preset = Callable[[ml_collections.ConfigDict], None]
+
+
+def parse_preset_arg(
+    arg: str | None,
+    dataset_presets: dict[str, Preset],
+    default_dataset: str,
+    config: ml_collections.ConfigDict,
+    extra: dict[str, Preset] | None = None,
+) -> None:
+    """Applies ``"dataset[,model_preset][,extra...]"`` presets, e.g. ``"imagenet,r50_2x_sk1"``."""
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    datasets = [t for t in tokens if t in dataset_presets]
+    if len(datasets) > 1:
+        raise ValueError(f"Config preset {arg!r} names more than one data set: {datasets}.")
+    dataset_presets[datasets[0] if datasets else default_dataset](config)
+    for token in tokens:
+        if token in dataset_presets:
+            continue
+        if token in MODEL_PRESETS:
+            apply_model_preset(config, token)
+        elif extra and token in extra:
+            extra[token](config)
+        else:
+            known = sorted(dataset_presets) + sorted(extra or {}) + ["<model preset>"]
+            raise ValueError(
+                f"Unknown config preset {token!r} in {arg!r}. Known: {', '.join(known)}; "
+                f"model presets: {', '.join(sorted(MODEL_PRESETS))}."
+            )
+
+
+# ---- The stage config files.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def config_file(stage: str) -> str:
+    """Path of a stage's config file, ``configs/<stage>.py`` in the repository."""
+    if stage not in STAGES:
+        raise ValueError(f"Unknown stage {stage!r}; use one of {STAGES}.")
+    path = os.path.join(CONFIG_DIR, f"{stage}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: the stage configs live in the repository's configs/ folder, next to the "
+            "package. Install the package from a checkout (pip install -e .) or pass --config=PATH."
+        )
+    return path
+
+
+def get_config(stage: str, presets: str | None = None) -> ml_collections.ConfigDict:
+    """What ``--config=configs/<stage>.py:<presets>`` gives: that file's ``get_config(presets)``."""
+    spec = importlib.util.spec_from_file_location(f"simclrv2_jax_config_{stage}", config_file(stage))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(presets)

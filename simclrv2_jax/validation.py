@@ -1,0 +1,85 @@
+"""The checks a config passes before anything compiles: one message naming the field and the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from simclrv2_jax import fields
+from simclrv2_jax.models.heads import kept_head_layers
+from simclrv2_jax.models.resnet import BLOCK_SPECS
+
+
+def _fail(field: str, value: Any, why: str) -> None:
+    raise ValueError(f"config.{field}={value!r} is invalid: {why}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects impossible values with one message naming the field; runs before any compilation."""
+    c = config
+
+    def one_of(field: str, allowed) -> None:
+        if c[field] not in allowed:
+            _fail(field, c[field], f"use one of {tuple(allowed)}.")
+
+    def positive(field: str, allow_zero: bool = False) -> None:
+        value = c[field]
+        if value < 0 or (value == 0 and not allow_zero):
+            _fail(field, value, "must be " + ("non-negative." if allow_zero else "positive."))
+
+    one_of("stage", fields.STAGES)
+    one_of("optimizer", fields.OPTIMIZERS)
+    one_of("learning_rate_scaling", fields.LR_SCALINGS)
+    one_of("proj_head_mode", fields.PROJ_HEAD_MODES)
+    one_of("resnet_depth", sorted(BLOCK_SPECS))
+    one_of("compute_dtype", fields.DTYPES)
+    for field in (
+        "train_batch_size",
+        "eval_batch_size",
+        "image_size",
+        "width_multiplier",
+        "log_every_steps",
+        "checkpoint_steps",
+        "keep_checkpoint_max",
+        "num_proj_layers",
+        "proj_out_dim",
+    ):
+        positive(field)
+    for field in (
+        "train_epochs",
+        "train_steps",
+        "learning_rate",
+        "warmup_epochs",
+        "weight_decay",
+        "sk_ratio",
+        "se_ratio",
+        "eval_every_steps",
+        "num_classes",
+    ):
+        positive(field, allow_zero=True)
+    if c.train_steps == 0 and c.train_epochs == 0:
+        _fail("train_epochs", c.train_epochs, "set train_epochs > 0 or train_steps > 0.")
+    if not 0 <= c.momentum < 1:
+        _fail("momentum", c.momentum, "must be in [0, 1).")
+    if not 0 < c.batch_norm_decay < 1:
+        _fail("batch_norm_decay", c.batch_norm_decay, "must be in (0, 1).")
+    if "temperature" in c and c.temperature <= 0:
+        _fail("temperature", c.temperature, "must be positive.")
+    if "color_jitter_strength" in c and c.color_jitter_strength < 0:
+        _fail("color_jitter_strength", c.color_jitter_strength, "must be non-negative.")
+    if "label_fraction" in c and not 0 < c.label_fraction <= 1:
+        _fail("label_fraction", c.label_fraction, "must be in (0, 1] (1.0 = every label).")
+    if "examples_per_class" in c and c.examples_per_class < 0:
+        _fail("examples_per_class", c.examples_per_class, "must be non-negative (0 = use label_fraction).")
+    if "fine_tune_after_block" in c and not -1 <= c.fine_tune_after_block <= 4:
+        _fail(
+            "fine_tune_after_block",
+            c.fine_tune_after_block,
+            "use -1 (train everything), 0 (freeze the stem) or 1..4 (freeze up to that block group).",
+        )
+    if "alpha" in c and c.alpha < 0:
+        _fail("alpha", c.alpha, "must be non-negative.")
+    if c.proj_head_mode == "nonlinear" and c.num_proj_layers < 1:
+        _fail("num_proj_layers", c.num_proj_layers, "a nonlinear head needs at least one layer.")
+    kept_head_layers(c.proj_head_mode, c.num_proj_layers, c.ft_proj_selector)  # raises with the field name
