@@ -30,8 +30,12 @@ def initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    on_cluster = (explicit or os.environ.get("SIMCLR_DISTRIBUTED") == "1" or "TPU_WORKER_HOSTNAMES" in os.environ
-                  or "SLURM_JOB_ID" in os.environ)
+    on_cluster = (
+        explicit
+        or os.environ.get("SIMCLR_DISTRIBUTED") == "1"
+        or "TPU_WORKER_HOSTNAMES" in os.environ
+        or "SLURM_JOB_ID" in os.environ
+    )
     if not on_cluster:
         return
     if explicit and os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -44,8 +48,12 @@ def initialize_distributed() -> None:
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
     jax.distributed.initialize(**kwargs)
-    logging.info("Joined a job of %d processes as process %d; %d devices in all.",
-                 jax.process_count(), jax.process_index(), jax.device_count())
+    logging.info(
+        "Joined a job of %d processes as process %d; %d devices in all.",
+        jax.process_count(),
+        jax.process_index(),
+        jax.device_count(),
+    )
 
 
 def create_mesh(num_devices: int | None = None) -> Mesh:

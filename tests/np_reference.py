@@ -12,7 +12,7 @@ def conv2d_valid(x: np.ndarray, w: np.ndarray, stride: int = 1) -> np.ndarray:
     out = np.zeros((n, ho, wo, cout), np.float64)
     for i in range(kh):
         for j in range(kw):
-            patch = x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            patch = x[:, i : i + stride * (ho - 1) + 1 : stride, j : j + stride * (wo - 1) + 1 : stride, :]
             out += np.einsum("nhwc,cd->nhwd", patch.astype(np.float64), w[i, j].astype(np.float64))
     return out
 

@@ -12,7 +12,7 @@ The ops follow the authors' public release (``data_util.py`` of google-research/
 "simclrv2" code path); each docstring says where it deviates, if anywhere.
 """
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -68,7 +68,7 @@ def sample_crop_box(
     aspect_ratio_range=(3 / 4, 4 / 3),
     max_attempts: int = 100,
     target_aspect: float = 1.0,
-) -> Tuple[tf.Tensor, tf.Tensor]:
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Samples the Inception-style crop box; returns ``(offset_yx, size_hw)`` int32 tensors.
 
     Official ``distorted_bounding_box_crop``: the whole image is the only bounding box, with
@@ -166,10 +166,10 @@ def color_jitter(
     strength: float,
     random_order: bool = True,
     *,
-    brightness: Optional[float] = None,
-    contrast: Optional[float] = None,
-    saturation: Optional[float] = None,
-    hue: Optional[float] = None,
+    brightness: float | None = None,
+    contrast: float | None = None,
+    saturation: float | None = None,
+    hue: float | None = None,
 ) -> tf.Tensor:
     """SimCLR colour jitter; the per-component amounts default to 0.8s, 0.8s, 0.8s, 0.2s.
 
@@ -286,7 +286,7 @@ def random_blur(image: tf.Tensor, seed, height: int, p: float = 0.5, padding: st
 # Whole pipelines.
 
 
-def _static_hw(image: tf.Tensor) -> Sequence[Optional[int]]:
+def _static_hw(image: tf.Tensor) -> Sequence[int | None]:
     return image.shape[0], image.shape[1]
 
 

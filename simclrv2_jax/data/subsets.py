@@ -1,7 +1,6 @@
 """Labeled subsets for semi-supervised fine-tuning: official ImageNet lists, class-balanced elsewhere."""
 
 import math
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -10,8 +9,8 @@ def label_fraction_subset(
     labels,
     *,
     num_classes: int,
-    fraction: Optional[float] = None,
-    per_class: Optional[int] = None,
+    fraction: float | None = None,
+    per_class: int | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Sorted indices of a deterministic class-balanced subset: ``per_class`` examples of each class.
@@ -51,7 +50,7 @@ def label_fraction_subset(
 _IMAGENET_SUBSETS = {0.01: "imagenet2012_subset/1pct", 0.1: "imagenet2012_subset/10pct"}
 
 
-def labeled_split(dataset: str, label_fraction: float) -> Optional[Tuple[str, str]]:
+def labeled_split(dataset: str, label_fraction: float) -> tuple[str, str] | None:
     """``(tfds_name, split)`` of the official labeled subset, or None (then use
     ``label_fraction_subset``). Only ImageNet 1% and 10% have official lists."""
     if dataset != "imagenet2012":

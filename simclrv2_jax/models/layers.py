@@ -15,7 +15,8 @@ carry over:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -172,11 +173,18 @@ class SqueezeExcite(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         reduced = max(1, int(self.features * self.se_ratio))
         s = jnp.mean(x, axis=(1, 2), keepdims=True)
-        s = nn.Conv(reduced, (1, 1), use_bias=True, kernel_init=conv_kernel_init, dtype=self.dtype,
-                    name="conv_reduce")(s)
+        s = nn.Conv(
+            reduced, (1, 1), use_bias=True, kernel_init=conv_kernel_init, dtype=self.dtype, name="conv_reduce"
+        )(s)
         s = nn.relu(s)
-        s = nn.Conv(x.shape[-1], (1, 1), use_bias=True, kernel_init=conv_kernel_init, dtype=self.dtype,
-                    name="conv_expand")(s)
+        s = nn.Conv(
+            x.shape[-1],
+            (1, 1),
+            use_bias=True,
+            kernel_init=conv_kernel_init,
+            dtype=self.dtype,
+            name="conv_expand",
+        )(s)
         return x * jax.nn.sigmoid(s)
 
 
@@ -191,8 +199,15 @@ def dense_bn_layer(
     dtype: Any = jnp.float32,
 ) -> Callable[..., jax.Array]:
     """The release's ``LinearLayer``: dense (bias only without BN), then BN (beta iff use_bias)."""
-    return _DenseBN(features=features, use_bn=use_bn, use_bias=use_bias, num_groups=num_groups,
-                    momentum=momentum, dtype=dtype, name=name)
+    return _DenseBN(
+        features=features,
+        use_bn=use_bn,
+        use_bias=use_bias,
+        num_groups=num_groups,
+        momentum=momentum,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class _DenseBN(nn.Module):
@@ -206,10 +221,20 @@ class _DenseBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         features = self.features if self.features is not None else x.shape[-1]
-        x = nn.Dense(features, use_bias=self.use_bias and not self.use_bn, kernel_init=head_kernel_init,
-                     dtype=self.dtype, param_dtype=jnp.float32, name="dense")(x)
+        x = nn.Dense(
+            features,
+            use_bias=self.use_bias and not self.use_bn,
+            kernel_init=head_kernel_init,
+            dtype=self.dtype,
+            param_dtype=jnp.float32,
+            name="dense",
+        )(x)
         if self.use_bn:
-            x = BatchNorm(use_bias=self.use_bias, num_groups=self.num_groups, momentum=self.momentum,
-                          dtype=self.dtype, name="bn")(x, train)
+            x = BatchNorm(
+                use_bias=self.use_bias,
+                num_groups=self.num_groups,
+                momentum=self.momentum,
+                dtype=self.dtype,
+                name="bn",
+            )(x, train)
         return x
-
