@@ -44,7 +44,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def start_up() -> None:
     """What every command does first: logging, TF kept off accelerators, joining a multi-host job."""
-    import simclrv2_jax.data  # noqa: F401  (keeps TensorFlow on the CPU)
     from simclrv2_jax import parallel
 
     configure_logging()

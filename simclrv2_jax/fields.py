@@ -138,6 +138,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # Augmentation.
     c.color_jitter_strength = 1.0
     c.use_blur = True
+    # Where the augmentations run: True = inside the jitted step (JAX), False = on the host (tf.data),
+    # None = automatic (the device on GPU/TPU; on the CPU the host, or the device without TensorFlow).
+    c.augment_on_device = ml_collections.FieldReference(None, field_type=bool)
 
     # Evaluation, logging, checkpoints.
     c.eval_batch_size = 256

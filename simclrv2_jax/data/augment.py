@@ -14,7 +14,7 @@ The ops follow the authors' public release (``data_util.py`` of google-research/
 
 from collections.abc import Sequence
 
-import tensorflow as tf
+from simclrv2_jax.data.tf_cpu import tf
 
 CROP_PROPORTION = 0.875  # Official eval centre crop (224 of 256).
 SMALL_IMAGE_SIZE = 32  # At or below this size the official code skips the eval crop and blur.
@@ -49,7 +49,8 @@ def _random_apply(fn, image: tf.Tensor, seed, p: float) -> tf.Tensor:
     return tf.cond(_uniform(seed, 0.0, 1.0) < p, lambda: fn(image), lambda: image)
 
 
-def _resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+def resize(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
+    """Bicubic resize to ``(height, width)``, clipped to [0, 1]."""
     # Plain bicubic without antialiasing, as tf.image.resize is called in the official code; bicubic
     # overshoots, hence the clip.
     image = tf.image.resize(image, [height, width], method=tf.image.ResizeMethod.BICUBIC)
@@ -113,7 +114,7 @@ def random_resized_crop(
     )
     crop = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([size, [-1]], 0))
     crop.set_shape([None, None, image.shape[-1]])  # Later ops need the channel count statically.
-    return _resize(crop, height, width)
+    return resize(crop, height, width)
 
 
 def random_flip(image: tf.Tensor, seed) -> tf.Tensor:
@@ -146,7 +147,7 @@ def center_crop(
     offset_h = (shape[0] - crop_h + 1) // 2
     offset_w = (shape[1] - crop_w + 1) // 2
     crop = tf.image.crop_to_bounding_box(image, offset_h, offset_w, crop_h, crop_w)
-    return _resize(crop, height, width)
+    return resize(crop, height, width)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def _static_hw(image: tf.Tensor) -> Sequence[int | None]:
 def _resize_if_needed(image: tf.Tensor, height: int, width: int) -> tf.Tensor:
     if tuple(_static_hw(image)) == (height, width):
         return image
-    return _resize(image, height, width)
+    return resize(image, height, width)
 
 
 def preprocess_for_train(
@@ -350,7 +351,7 @@ def preprocess_for_eval(image: tf.Tensor, *, height: int, width: int, crop: bool
         shape = tf.shape(image)
         is_small = tf.maximum(shape[0], shape[1]) <= SMALL_IMAGE_SIZE
         image = tf.cond(
-            is_small, lambda: _resize(image, height, width), lambda: center_crop(image, height, width)
+            is_small, lambda: resize(image, height, width), lambda: center_crop(image, height, width)
         )
     image = tf.clip_by_value(image, 0.0, 1.0)
     return tf.ensure_shape(image, [height, width, image.shape[-1]])

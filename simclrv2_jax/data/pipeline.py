@@ -19,16 +19,13 @@ so the epoch's order, and therefore resume, is exact there too (the skipped elem
 epoch are read but stay encoded, never decoded or augmented).
 """
 
-import collections
-import itertools
-import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
-import jax
 import numpy as np
-import tensorflow as tf
 
 from simclrv2_jax.data import augment, sources
+from simclrv2_jax.data.array_pipeline import num_eval_batches
+from simclrv2_jax.data.tf_cpu import tf
 
 # Separate streams so that the order of examples and their augmentation are independent.
 _ORDER_STREAM = 0x0DE5
@@ -230,24 +227,6 @@ def train_dataset(
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
-def unlabeled_batches(unlabeled: tf.data.Dataset, labeled: tf.data.Dataset | None = None) -> tf.data.Dataset:
-    """Training batches of ``unlabeled`` with their labels dropped (only ``image`` and ``mask`` go on);
-    with a ``labeled`` stream, each batch also carries its ``labeled_image`` and ``labeled_label``."""
-    ds = unlabeled.map(lambda b: {"image": b["image"], "mask": b["mask"]})
-    if labeled is None:
-        return ds
-    both = tf.data.Dataset.zip(ds, labeled)
-    return both.map(lambda u, lab: {**u, "labeled_image": lab["image"], "labeled_label": lab["label"]})
-
-
-def num_eval_batches(
-    source: sources.DataSource, split: str, *, local_batch_size: int, process_count: int = 1
-) -> int:
-    """Batches every process yields in one eval pass (the largest shard, rounded up)."""
-    per_process = math.ceil(source.num_examples(split) / process_count)
-    return math.ceil(per_process / local_batch_size)
-
-
 def eval_dataset(
     source: sources.DataSource,
     split: str,
@@ -263,7 +242,9 @@ def eval_dataset(
     padding, so metrics summed with the mask are exact over the whole split) and ``index`` int32
     (the example's position in the split, -1 on padding)."""
     _check_process(process_index, process_count)
-    batches = num_eval_batches(source, split, local_batch_size=local_batch_size, process_count=process_count)
+    batches = num_eval_batches(
+        source.num_examples(split), local_batch_size=local_batch_size, process_count=process_count
+    )
     channels = source.image_shape[-1]
 
     def prepare(ex):
@@ -289,32 +270,3 @@ def eval_dataset(
     ds = ds.concatenate(padding).take(batches * local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-
-def make_global_batch(
-    local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
-) -> dict[str, jax.Array]:
-    """Global arrays, sharded on the leading (batch) axis, from every process's local batch."""
-    return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch
-    )
-
-
-def global_iterator(
-    ds, sharding: jax.sharding.Sharding, *, prefetch: int = 2
-) -> Iterator[dict[str, jax.Array]]:
-    """Global batches from a tf.data dataset (or any iterable of local batches).
-
-    Keeps ``prefetch`` batches already transferred, so host-to-device copies overlap the step.
-    """
-    iterator: Iterable = ds.as_numpy_iterator() if isinstance(ds, tf.data.Dataset) else iter(ds)
-    queue = collections.deque()
-
-    def enqueue(n):
-        for batch in itertools.islice(iterator, n):
-            queue.append(make_global_batch(batch, sharding))
-
-    enqueue(max(1, prefetch))
-    while queue:
-        yield queue.popleft()
-        enqueue(1)

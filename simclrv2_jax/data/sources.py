@@ -13,16 +13,24 @@ Two kinds exist:
 Single-channel images are tiled to 3 channels, so that the same model, the same colour
 augmentations and the same published checkpoints apply to every data set (colour jitter and
 grayscale on a tiled image only move brightness/contrast, as they would on a gray photograph).
+
+TensorFlow is imported only by what returns tf.data datasets (``load``) or reads tfds files; the
+in-memory sources' arrays need NumPy alone.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import gzip
 import logging
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 FASHION_MNIST = "fashion_mnist"
 # The Debian package `dataset-fashion-mnist` installs the original IDX files here.
@@ -156,6 +164,8 @@ class InMemorySource(DataSource):
         return np.arange(shard_index, self.num_examples(split), num_shards, dtype=np.int64)
 
     def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
+        from simclrv2_jax.data.tf_cpu import tf
+
         images, labels = self.arrays(split)
         index = self.shard_bounds(split, shard_index, num_shards)
         return tf.data.Dataset.from_tensor_slices(
@@ -198,7 +208,7 @@ class TfdsSource(DataSource):
         return np.arange(n * shard_index // num_shards, n * (shard_index + 1) // num_shards, dtype=np.int64)
 
     def _read(self, split, shard_index, num_shards, decoders, ordered=True):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds
 
         bounds = self.shard_bounds(split, shard_index, num_shards)
         start = int(bounds[0]) if len(bounds) else 0
@@ -212,7 +222,9 @@ class TfdsSource(DataSource):
         return ds.enumerate(start=start)
 
     def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds
+
+        from simclrv2_jax.data.tf_cpu import tf
 
         decoders = None if decode else {self.image_key: tfds.decode.SkipDecoding()}
         ds = self._read(split, shard_index, num_shards, decoders, ordered)
@@ -230,6 +242,8 @@ class TfdsSource(DataSource):
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
     def decode_image(self, image, already_decoded=False):
+        from simclrv2_jax.data.tf_cpu import tf
+
         if not already_decoded:
             image = self.builder.info.features[self.image_key].decode_example(image)
         if self._source_channels == 1:
@@ -237,7 +251,7 @@ class TfdsSource(DataSource):
         return image
 
     def labels(self, split):
-        import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+        import tensorflow_datasets as tfds
 
         # Skipping image decoding makes this a fast scan even for ImageNet.
         ds = self._read(split, 0, 1, {self.image_key: tfds.decode.SkipDecoding()})
@@ -306,7 +320,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> InMemorySource:
 
 
 def _tfds_builder(dataset: str, data_dir: str | None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    import tensorflow_datasets as tfds
 
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)

@@ -1,24 +1,18 @@
-"""Config -> model, optimiser and data: the parts of a stage's set-up that every stage shares."""
+"""Config -> model and optimiser: the parts of a stage's set-up that every stage shares (data: inputs.py)."""
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from simclrv2_jax import optim, parallel
-from simclrv2_jax.data import augment, pipeline, sources, subsets
+from simclrv2_jax import optim
+from simclrv2_jax.data import sources
 from simclrv2_jax.fields import ARCH_FIELDS
 from simclrv2_jax.models.simclr import SimCLRModel
-
-
-def load_source(config: ml_collections.ConfigDict) -> sources.DataSource:
-    return sources.get_source(config.dataset, config.data_dir or None)
 
 
 def num_classes(config: ml_collections.ConfigDict, source: sources.DataSource) -> int:
@@ -84,87 +78,3 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
     return optim.get_train_steps(
         num_examples, config.train_epochs, config.train_batch_size, config.train_steps
     )
-
-
-def train_preprocess(config: ml_collections.ConfigDict, *, contrastive: bool):
-    """Pretraining: the full SimCLR augmentation; fine-tuning and distillation: crop + flip only."""
-    return functools.partial(
-        augment.preprocess_for_train,
-        height=config.image_size,
-        width=config.image_size,
-        color_jitter_strength=config.get("color_jitter_strength", 0.0),
-        use_blur=contrastive and config.get("use_blur", False),
-        color_distort=contrastive,
-    )
-
-
-def train_data_fn(
-    config: ml_collections.ConfigDict,
-    source: sources.DataSource,
-    mesh: Mesh,
-    *,
-    num_views: int,
-    contrastive: bool,
-    split: str | None = None,
-    indices=None,
-):
-    local = parallel.local_batch_size(config.train_batch_size, mesh)
-
-    def make(start_step: int):
-        return pipeline.train_dataset(
-            source,
-            split or config.train_split,
-            local_batch_size=local,
-            seed=config.seed,
-            start_step=start_step,
-            num_views=num_views,
-            image_size=config.image_size,
-            preprocess=train_preprocess(config, contrastive=contrastive),
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            indices=indices,
-        )
-
-    return make
-
-
-def eval_data_fn(config: ml_collections.ConfigDict, source: sources.DataSource, mesh: Mesh):
-    local = parallel.local_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
-
-    def make():
-        return pipeline.eval_dataset(
-            source,
-            config.eval_split,
-            local_batch_size=local,
-            image_size=config.image_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-
-    return make
-
-
-def labeled_data(config: ml_collections.ConfigDict, source: sources.DataSource):
-    """The labeled training set a config asks for: ``(source, split, indices or None, count)``.
-
-    ImageNet at 1% / 10% uses the official image lists (tfds ``imagenet2012_subset``); any other
-    data set takes a class-balanced subset by ``label_seed``: ``examples_per_class`` if set, else
-    ``label_fraction`` (1.0 = every label).
-    """
-    per_class = config.get("examples_per_class", 0)
-    fraction = config.get("label_fraction", 1.0)
-    official = None if per_class else subsets.labeled_split(config.dataset, fraction)
-    if official is not None:
-        name, split = official
-        subset = sources.get_source(name, config.data_dir or None)
-        return subset, split, None, subset.num_examples(split)
-    if not per_class and fraction >= 1.0:
-        return source, config.train_split, None, source.num_examples(config.train_split)
-    indices = subsets.label_fraction_subset(
-        source.labels(config.train_split),
-        num_classes=source.num_classes,
-        fraction=None if per_class else fraction,
-        per_class=per_class or None,
-        seed=config.label_seed,
-    )
-    return source, config.train_split, indices, len(indices)

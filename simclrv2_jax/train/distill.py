@@ -17,11 +17,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from simclrv2_jax import checkpoints, losses, parallel
-from simclrv2_jax.data import pipeline
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.fields import ARCH_FIELDS
 from simclrv2_jax.models.heads import kept_head_layers
-from simclrv2_jax.train import components
+from simclrv2_jax.train import components, inputs
 from simclrv2_jax.train.task import Task
 
 
@@ -57,7 +56,8 @@ def _check_student_matches_teacher(
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
-    source = source or components.load_source(config)
+    source = source or inputs.load_source(config)
+    data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
     num_unlabeled = source.num_examples(config.train_split)
     t_config = teacher_config(config)
@@ -111,7 +111,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
             "teacher_top1": losses.classification_eval_sums(t_logits, batch["label"], batch["mask"])["top1"]
         }
 
-    unlabeled = components.train_data_fn(config, source, mesh, num_views=1, contrastive=False)
+    unlabeled = data.train_data(num_views=1, contrastive=False)
     labeled = None
     info = {
         "num_unlabeled_examples": num_unlabeled,
@@ -121,16 +121,20 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         "teacher_model": {k: t_config[k] for k in ARCH_FIELDS},
     }
     if alpha > 0:
-        labeled_config = config.copy_and_resolve_references()
-        labeled_config.seed = config.seed + 1  # its own augmentation and order
-        l_source, l_split, indices, num_labeled = components.labeled_data(config, source)
-        labeled = components.train_data_fn(
-            labeled_config, l_source, mesh, num_views=1, contrastive=False, split=l_split, indices=indices
+        l_source, l_split, indices, num_labeled = inputs.labeled_data(config, source)
+        # Its own order and augmentation: the seed after the unlabeled stream's.
+        labeled = data.train_data(
+            num_views=1,
+            contrastive=False,
+            source=l_source,
+            split=l_split,
+            indices=indices,
+            seed=config.seed + 1,
         )
         info["num_labeled_examples"] = num_labeled
 
     def train_data(start_step: int):
-        return pipeline.unlabeled_batches(unlabeled(start_step), labeled(start_step) if labeled else None)
+        return inputs.with_labeled(unlabeled(start_step), labeled(start_step) if labeled else None)
 
     initialize = None
     if config.init_student_from_teacher:
@@ -145,8 +149,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         num_examples=num_unlabeled,
         loss_fn=loss_fn,
         model_inputs=model_inputs,
+        augment=data.train_augment(
+            num_views=1, contrastive=False, keys=("image", "labeled_image") if alpha > 0 else ("image",)
+        ),
+        augment_on_device=data.on_device,
         train_data=train_data,
-        eval_data=components.eval_data_fn(config, source, mesh),
+        eval_data=data.eval_data(),
+        eval_preprocess=data.eval_preprocess(),
         eval_extra_sums=teacher_top1,
         initialize=initialize,
         extra=(teacher_vars,),

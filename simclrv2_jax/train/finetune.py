@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from simclrv2_jax import checkpoints, losses, optim
 from simclrv2_jax.data.sources import DataSource
-from simclrv2_jax.train import components
+from simclrv2_jax.train import components, inputs
 from simclrv2_jax.train.task import Task
 
 
@@ -33,9 +33,10 @@ def supervised_loss(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
-    source = source or components.load_source(config)
+    source = source or inputs.load_source(config)
+    data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
-    train_source, split, indices, num_labeled = components.labeled_data(config, source)
+    train_source, split, indices, num_labeled = inputs.labeled_data(config, source)
     model = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
     trainable = None
     if config.fine_tune_after_block >= 0:
@@ -62,10 +63,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         num_examples=num_labeled,
         loss_fn=supervised_loss,
         trainable=trainable,
-        train_data=components.train_data_fn(
-            config, train_source, mesh, num_views=1, contrastive=False, split=split, indices=indices
+        augment=data.train_augment(num_views=1, contrastive=False),
+        augment_on_device=data.on_device,
+        train_data=data.train_data(
+            num_views=1, contrastive=False, source=train_source, split=split, indices=indices
         ),
-        eval_data=components.eval_data_fn(config, source, mesh),
+        eval_data=data.eval_data(),
+        eval_preprocess=data.eval_preprocess(),
         initialize=initialize,
         info={
             "num_labeled_examples": num_labeled,

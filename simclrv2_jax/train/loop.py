@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers, metrics, periodic_actions
+from clu import metrics
 from etils import epath
 from jax.sharding import Mesh
 
 from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import Checkpointer
-from simclrv2_jax.data.pipeline import global_iterator
+from simclrv2_jax.data.array_pipeline import global_iterator
+from simclrv2_jax.train import reporting
 from simclrv2_jax.train.state import TrainState, create_train_state
 from simclrv2_jax.train.task import Task
 
@@ -163,24 +164,19 @@ def run(
             task.eval_step, in_shardings=(state_sharding, data, *task.extra_shardings), out_shardings=rep
         )
 
-    # TensorBoard only: the loop logs its own one-line summary, clu's LoggingWriter would repeat it.
-    if jax.process_index() == 0:
-        writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-    else:
-        writer = metric_writers.MultiWriter([])
+    writer = reporting.make_writer(workdir)
     if start_step == 0:
         writer.write_hparams(
             {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
         )
-    hooks: list[Any] = [
-        periodic_actions.ReportProgress(
-            num_train_steps=total, writer=writer, every_steps=config.log_every_steps
-        )
-    ]
-    if config.get("profile", False) and jax.process_index() == 0:
-        hooks.append(
-            periodic_actions.Profile(logdir=workdir, num_profile_steps=5, first_profile=start_step + 10)
-        )
+    hooks = reporting.progress_hooks(
+        num_train_steps=total,
+        writer=writer,
+        every_steps=config.log_every_steps,
+        profile=config.get("profile", False),
+        logdir=workdir,
+        start_step=start_step,
+    )
     history = _History(workdir_path / "history.jsonl", start_step)
 
     logging.info(
@@ -284,6 +280,7 @@ def run(
         "steps_this_run": steps_run,
         "steps_per_sec": steps_run / elapsed if elapsed > 0 else 0.0,
         "devices": int(mesh.devices.size),
+        "augment_on_device": task.augment_on_device,
         **task.info,
     }
     _write_json(workdir_path / "results.json", results)

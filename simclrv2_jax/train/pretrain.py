@@ -17,12 +17,13 @@ from jax.sharding import Mesh
 from simclrv2_jax import losses
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.parallel import DATA_AXIS
-from simclrv2_jax.train import components
+from simclrv2_jax.train import components, inputs
 from simclrv2_jax.train.task import Task
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
-    source = source or components.load_source(config)
+    source = source or inputs.load_source(config)
+    data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
     num_examples = source.num_examples(config.train_split)
     model = components.build_model(config, head_mode="pretrain", num_classes=classes, mesh=mesh)
@@ -58,7 +59,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         num_examples=num_examples,
         loss_fn=loss_fn,
         model_inputs=model_inputs,
-        train_data=components.train_data_fn(config, source, mesh, num_views=2, contrastive=True),
-        eval_data=components.eval_data_fn(config, source, mesh) if lineareval else None,
+        augment=data.train_augment(num_views=2, contrastive=True),
+        augment_on_device=data.on_device,
+        train_data=data.train_data(num_views=2, contrastive=True),
+        eval_data=data.eval_data() if lineareval else None,
+        eval_preprocess=data.eval_preprocess(),
         info={"num_train_examples": num_examples, "num_classes": classes, "dataset": config.dataset},
     )

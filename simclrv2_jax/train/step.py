@@ -4,9 +4,10 @@ A stage supplies only what differs: ``loss_fn(outputs, batch, params) -> (loss, 
 model's named outputs and, where the model input is not simply ``batch["image"]``, a
 ``model_inputs(batch, *extra) -> (images, batch)`` that runs outside the gradient (pretraining
 stacks its two views; distillation adds the frozen teacher's logits to the batch). The factory adds
-what every stage shares: the model applied in training mode with mutable batch statistics, the
-optimiser's weight-decay term in the loss, the gradient, ``grad_norm`` and ``learning_rate`` in the
-metrics, and the update.
+what every stage shares: the augmentation on the device when the stage asks for it
+(``augment(batch, key)`` with the step's key ``fold_in(rng, step)``), the model applied in training
+mode with mutable batch statistics, the optimiser's weight-decay term in the loss, the gradient,
+``grad_norm`` and ``learning_rate`` in the metrics, and the update.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     loss_fn: LossFn,
     model_inputs: ModelInputs = image_input,
+    augment: Callable[[dict, jax.Array], dict] | None = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """``train_step(state, batch, *extra) -> (state, metrics)`` minimising ``loss_fn`` + weight decay.
 
@@ -44,6 +46,8 @@ def make_train_step(
     """
 
     def train_step(state: TrainState, batch: dict, *extra: Any) -> tuple[TrainState, dict]:
+        if augment is not None:
+            batch = augment(batch, state.step_key())
         images, batch = model_inputs(batch, *extra)
 
         def objective(params):
@@ -68,13 +72,20 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model, extra_sums: Callable[..., dict] | None = None) -> Callable[..., dict]:
+def make_eval_step(
+    model,
+    extra_sums: Callable[..., dict] | None = None,
+    preprocess: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[..., dict]:
     """``eval_step(state, batch, *extra) -> sums``: top-1/top-5/loss sums of the supervised head.
 
-    ``extra_sums(batch, *extra)`` adds stage-specific sums (distillation: the teacher's top-1).
+    ``extra_sums(batch, *extra)`` adds stage-specific sums (distillation: the teacher's top-1);
+    ``preprocess(images)`` makes the evaluation view on the device when the host did not.
     """
 
     def eval_step(state: TrainState, batch: dict, *extra: Any) -> dict:
+        if preprocess is not None:
+            batch = {**batch, "image": preprocess(batch["image"])}
         out = model.apply(
             {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
         )

@@ -44,9 +44,12 @@ class Task:
     loss_fn: LossFn
     train_data: Callable[[int], Iterable]
     model_inputs: Callable[..., tuple[jax.Array, dict]] = image_input
+    augment: Callable[[dict, jax.Array], dict] | None = None  # what the step does to a train batch first
+    augment_on_device: bool = False  # the whole augmentation runs in the step (else on the host)
     trainable: Callable[[Any], Any] | None = None  # params -> bool tree; False leaves are frozen
     eval_data: Callable[[], Iterable] | None = None
     eval_extra_sums: Callable[..., dict] | None = None
+    eval_preprocess: Callable[[jax.Array], jax.Array] | None = None  # on-device evaluation view
     initialize: Callable[[TrainState, optax.GradientTransformation], TrainState] | None = None
     extra: tuple = ()
     extra_shardings: tuple = ()
@@ -69,11 +72,17 @@ class Task:
     @functools.cached_property
     def train_step(self) -> Callable[..., tuple[TrainState, dict]]:
         return make_train_step(
-            self.model, self.tx, self.schedule, self.config, self.loss_fn, model_inputs=self.model_inputs
+            self.model,
+            self.tx,
+            self.schedule,
+            self.config,
+            self.loss_fn,
+            model_inputs=self.model_inputs,
+            augment=self.augment,
         )
 
     @functools.cached_property
     def eval_step(self) -> Callable[..., dict] | None:
         if self.eval_data is None:
             return None
-        return make_eval_step(self.model, self.eval_extra_sums)
+        return make_eval_step(self.model, self.eval_extra_sums, self.eval_preprocess)
