@@ -202,27 +202,29 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6.0).reshape(2, 3))
 
 
-def test_device_augmentation_resumes_bit_for_bit(tmp_path, fake_data_dir, pretrain_run):
-    """With the augmentations in the step (keys from fold_in(rng, step)) and the TF-free host input,
-    a run stopped after step 3 and resumed ends where an uninterrupted run does, bit for bit."""
+def test_host_augmentation_resumes_bit_for_bit(tmp_path, fake_data_dir, pretrain_run):
+    """The other input path: tf.data augmenting on the host (the default on the CPU backend for
+    in-memory data is the device, which the tests above use). A run stopped after step 3 and resumed
+    ends where an uninterrupted run does, bit for bit."""
+    assert pretrain_run["results"]["augment_on_device"]  # what the tests above covered
     straight_dir, stopped_dir = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    straight = train_stage(config(fake_data_dir, augment_on_device=True), straight_dir)
-    assert straight["augment_on_device"] and straight["final_step"] == N
-    # Another input path, so another run: guards against comparing the host-augmented run by mistake.
-    host = flat(pretrain_run["results"]["state"].params)
-    assert any(not np.array_equal(v, host[k]) for k, v in flat(straight["state"].params).items())
+    straight = train_stage(config(fake_data_dir, augment_on_device=False), straight_dir)
+    assert not straight["augment_on_device"] and straight["final_step"] == N
+    # Another input path, so another run: guards against comparing with the device-augmented run.
+    device = flat(pretrain_run["results"]["state"].params)
+    assert any(not np.array_equal(v, device[k]) for k, v in flat(straight["state"].params).items())
 
     with pytest.raises(KeyboardInterrupt):
         train_stage(
-            config(fake_data_dir, augment_on_device=True),
+            config(fake_data_dir, augment_on_device=False),
             stopped_dir,
             step_hooks=[raise_at(3, KeyboardInterrupt())],
         )
     seen = []
     resumed = train_stage(
-        config(fake_data_dir, augment_on_device=True), stopped_dir, step_hooks=[record_steps(seen)]
+        config(fake_data_dir, augment_on_device=False), stopped_dir, step_hooks=[record_steps(seen)]
     )
     assert seen == [4, 5, 6]
     assert_identical(
-        resumed["state"], straight["state"], STATE_PARTS, "device augmentation: resumed vs uninterrupted"
+        resumed["state"], straight["state"], STATE_PARTS, "host augmentation: resumed vs uninterrupted"
     )
