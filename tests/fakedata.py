@@ -103,6 +103,19 @@ def fake_data_dir(tmp_path_factory):
     return directory
 
 
+def subprocess_env(compile_cache):
+    """Environment of a command-line test's subprocess: the CPU, 8 virtual devices and the session's
+    compilation cache (used from the first compile on)."""
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_COMPILATION_CACHE_DIR=compile_cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
 def host_copy(state):
     import jax
 

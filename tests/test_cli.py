@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from fakedata import TINY_MODEL, read_checkpoint
+from fakedata import TINY_MODEL, read_checkpoint, subprocess_env
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -43,14 +43,7 @@ def command(workdir, data_dir):
 @pytest.fixture(scope="module")
 def cli_runs(tmp_path_factory, fake_data_dir, jax_compile_cache):
     workdir = tmp_path_factory.mktemp("cli") / "run"
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_COMPILATION_CACHE_DIR=jax_compile_cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env = subprocess_env(jax_compile_cache)
     runs = []
     for _ in range(2):
         proc = subprocess.run(

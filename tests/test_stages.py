@@ -15,6 +15,7 @@ from fakedata import MARKER, flat, host_copy, marked_state, read_checkpoint, tin
 
 from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import CheckpointError
+from simclrv2_jax.data.array_pipeline import numpy_batches
 from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import distill as distill_stage
 from simclrv2_jax.train import finetune as finetune_stage
@@ -194,7 +195,7 @@ def test_finetune_label_subset_sizes(fake_data_dir, pretrain_run, mesh):
     # The 2-per-class subset as the training stream delivers it: the first 20 examples are one epoch
     # over the subset, so each class appears exactly twice.
     task = finetune_stage.build(ft_config(fake_data_dir, pretrain_run["workdir"], examples_per_class=2), mesh)
-    stream = task.train_data(0).as_numpy_iterator()
+    stream = numpy_batches(task.train_data(0))
     labels = np.concatenate([next(stream)["label"], next(stream)["label"]])[:20]
     assert np.bincount(labels, minlength=10).tolist() == [2] * 10
 

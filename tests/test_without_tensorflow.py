@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakedata import TINY_MODEL
+from fakedata import TINY_MODEL, subprocess_env
 
 pytest_plugins = ("fakedata",)
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -41,14 +41,7 @@ def test_pipeline_runs_without_tensorflow(tmp_path, fake_data_dir, jax_compile_c
             f"--{stage}.eval_batch_size=40",
             f"--{stage}.log_every_steps=1",
         ]
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_COMPILATION_CACHE_DIR=jax_compile_cache,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env = subprocess_env(jax_compile_cache)
     proc = subprocess.run(
         [sys.executable, "-c", BLOCK_TF_AND_RUN, *args],
         cwd=REPO,

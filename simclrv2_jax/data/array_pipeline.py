@@ -119,6 +119,11 @@ def eval_batches(
         }
 
 
+def numpy_batches(ds: Iterable) -> Iterator[dict[str, np.ndarray]]:
+    """Host batches as NumPy from either input: a tf.data dataset or an iterable of NumPy batches."""
+    return ds.as_numpy_iterator() if hasattr(ds, "as_numpy_iterator") else iter(ds)
+
+
 def make_global_batch(
     local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
 ) -> dict[str, jax.Array]:
@@ -135,7 +140,7 @@ def global_iterator(
 
     Keeps ``prefetch`` batches already transferred, so host-to-device copies overlap the step.
     """
-    iterator: Iterable = ds.as_numpy_iterator() if hasattr(ds, "as_numpy_iterator") else iter(ds)
+    iterator = numpy_batches(ds)
     queue = collections.deque()
 
     def enqueue(n):

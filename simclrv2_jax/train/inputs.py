@@ -237,10 +237,9 @@ class StageInput:
 def with_labeled(unlabeled: Iterable, labeled: Iterable | None) -> Iterator[dict[str, Any]]:
     """Distillation's batches: the unlabeled images (their labels dropped: only ``image`` and ``mask``
     go on), each joined with a labeled batch as ``labeled_image`` / ``labeled_label`` if given."""
-    unlabeled = unlabeled.as_numpy_iterator() if hasattr(unlabeled, "as_numpy_iterator") else unlabeled
     if labeled is not None:
-        labeled = labeled.as_numpy_iterator() if hasattr(labeled, "as_numpy_iterator") else labeled
-    for batch in unlabeled:
+        labeled = array_pipeline.numpy_batches(labeled)
+    for batch in array_pipeline.numpy_batches(unlabeled):
         out = {"image": batch["image"], "mask": batch["mask"]}
         if labeled is not None:
             extra = next(labeled)
