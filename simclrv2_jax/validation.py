@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -28,6 +29,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value < 0 or (value == 0 and not allow_zero):
             _fail(field, value, "must be " + ("non-negative." if allow_zero else "positive."))
 
+    # NaN passes every comparison below unnoticed (nan < 0 is False) and inf trains to NaN.
+    for field, value in c.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(field, value, "must be a finite number.")
     one_of("stage", fields.STAGES)
     one_of("optimizer", fields.OPTIMIZERS)
     one_of("learning_rate_scaling", fields.LR_SCALINGS)

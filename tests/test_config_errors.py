@@ -73,6 +73,22 @@ def test_impossible_value_names_the_field(stage, field, value):
     assert str(value) in message
 
 
+@pytest.mark.parametrize(
+    "stage, field, value",
+    [
+        ("pretrain", "learning_rate", float("nan")),
+        ("pretrain", "learning_rate", float("inf")),
+        ("pretrain", "temperature", float("nan")),
+        ("finetune", "weight_decay", float("-inf")),
+    ],
+)
+def test_non_finite_value_names_the_field(stage, field, value):
+    config = get_config(stage, "fashion_mnist")
+    config[field] = value
+    with pytest.raises(ValueError, match=rf"\b{field}=.*finite"):
+        validate(config)
+
+
 def test_impossible_value_stops_a_run_before_it_starts(tmp_path, fake_data_dir):
     config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2, optimizer="sgd")
     with pytest.raises(ValueError, match=r"\boptimizer="):
