@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging as logging_std
 import sys
+from collections.abc import Sequence
+from typing import NoReturn
 
 from absl import flags, logging
 
@@ -26,20 +28,58 @@ def configure_logging() -> None:
         logging.get_absl_handler().python_handler.stream = sys.stderr
 
 
+# What absl and ml_collections raise for a config override that names no field (AttributeError,
+# KeyError) or whose value does not parse as the field's type (flags.Error, ValueError, TypeError).
+COMMAND_LINE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, flags.Error)
+
+
+def _unknown_field(error: BaseException) -> str:
+    """``'nosuch'`` out of ml_collections' nested ``AttributeError(KeyError("'nosuch'"))``, its
+    "Did you mean" suggestion (after a newline) kept on the same line."""
+    while error.args and isinstance(error.args[0], BaseException):
+        error = error.args[0]
+    text = str(error.args[0]) if error.args else str(error)
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _override_name(arg: str) -> str:
+    """``pretrain.train_steps`` from ``--pretrain.train_steps=5`` (or the boolean ``--nopretrain.x``)."""
+    name = arg.split("=", 1)[0].lstrip("-")
+    flag = name.split(".", 1)[0]
+    if flag not in flags.FLAGS and flag.startswith("no") and flag[2:] in flags.FLAGS:
+        name = name[2:]
+    return name
+
+
+def bad_command_line_message(error: BaseException, argv: Sequence[str]) -> str:
+    """The one ``error:`` line for a mistake on the command line: an unknown config field or a value
+    of the wrong type in an override such as ``--config.train_steps=abc``, listing the overrides."""
+    overrides = sorted({_override_name(a) for a in argv[1:] if a.startswith("-") and "." in a.split("=")[0]})
+    what = (
+        f"unknown config field {_unknown_field(error)}"
+        if isinstance(error, (AttributeError, KeyError))
+        else " ".join(str(error).split())
+    )
+    flag = overrides[0].split(".", 1)[0] if overrides else "config"
+    return (
+        f"error: bad command line ({what}). Config overrides given: {', '.join(overrides) or 'none'}. "
+        f"Each must name an existing field with a value of its type, e.g. --{flag}.train_batch_size=256; "
+        "the fields are listed in the config file and README."
+    )
+
+
+def exit_bad_command_line(error: BaseException, argv: Sequence[str]) -> NoReturn:
+    """Prints ``bad_command_line_message`` on stderr and exits with code 2."""
+    print(bad_command_line_message(error, argv), file=sys.stderr)
+    sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with an unknown or mistyped config override reported in one line."""
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
-        overrides = sorted({a.split("=")[0][2:] for a in argv[1:] if "." in a.split("=")[0]})
-        what = f"unknown config field {e}" if isinstance(e, (AttributeError, KeyError)) else str(e)
-        print(
-            f"error: bad command line ({what}). Config overrides given: {', '.join(overrides) or 'none'}. "
-            "Each must name an existing field with a value of its type, e.g. "
-            "--config.train_batch_size=256; the fields are listed in the config file and README.",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+    except COMMAND_LINE_ERRORS as e:
+        exit_bad_command_line(e, argv)
 
 
 def start_up() -> None:
@@ -51,15 +91,32 @@ def start_up() -> None:
 
 
 def run_reporting_user_errors(fn, *args):
-    """``(exit code, result)`` of ``fn(*args)``; a user's mistake (config, data, checkpoint) becomes one
-    ``error:`` line and exit code 2, an interruption (after its checkpoint is saved) exit code 130."""
+    """``(exit code, result)`` of ``fn(*args)``.
+
+    A user's mistake (config, data, checkpoint, workdir) becomes one ``error:`` line and exit code 2;
+    a diverged run (its last finite state saved) one ``error:`` line and exit code 3; an interrupt the
+    line saying what was saved and exit code 128 + the signal (130 for Ctrl-C, 143 for SIGTERM).
+    """
+    import signal
+
     from simclrv2_jax.checkpoints import CheckpointError
+    from simclrv2_jax.train.loop import Interrupted, TrainingDiverged
 
     try:
         return 0, fn(*args)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3, None
+    except (ValueError, FileNotFoundError, CheckpointError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2, None
+    except Interrupted as e:
+        print(e.message, file=sys.stderr)
+        return 128 + int(e.signum), None
     except KeyboardInterrupt:
-        print("Interrupted; a checkpoint was saved. Run the same command to resume.", file=sys.stderr)
-        return 130, None
+        print(
+            "Interrupted at once: nothing more was saved. Run the same command to resume from the "
+            "workdir's last checkpoint, if it has one.",
+            file=sys.stderr,
+        )
+        return 128 + int(signal.SIGINT), None

@@ -42,6 +42,40 @@ SHARED_DATA_FIELDS = ("dataset", "data_dir", "train_split", "eval_split", "image
 # The labeled subset (fine-tuning, the baseline, distillation's optional labeled loss).
 LABEL_FIELDS = ("label_fraction", "examples_per_class", "label_seed")
 
+# What a resumed run may change against the config its checkpoint was saved with. Fields that only
+# say how the run is watched or saved change freely. Optimisation fields (the schedule, the loss's
+# weights, where the data and the teacher are read from) change only when named in
+# ``resume_changes``, and the change is recorded in history.jsonl. Every other field fixes the model,
+# the data order or the random draws, and a resumed run refuses to change it.
+RESUME_FREE_FIELDS = (
+    "eval_batch_size",
+    "eval_every_steps",
+    "log_every_steps",
+    "checkpoint_steps",
+    "keep_checkpoint_max",
+    "checkpoint",  # read only when a run starts fresh
+    "profile",
+    "skip_nonfinite_steps",
+    "resume_changes",
+)
+RESUME_OPTIMISATION_FIELDS = (
+    "train_epochs",
+    "train_steps",
+    "learning_rate",
+    "learning_rate_scaling",
+    "warmup_epochs",
+    "weight_decay",
+    "momentum",
+    "batch_norm_decay",
+    "compute_dtype",
+    "temperature",
+    "alpha",
+    "color_jitter_strength",
+    "use_blur",
+    "data_dir",
+    "teacher_checkpoint",
+)
+
 SK_RATIO = 0.0625  # the paper's "SK1"
 
 
@@ -150,6 +184,14 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.keep_checkpoint_max = 5
     c.checkpoint = ""  # checkpoint (or earlier stage's workdir) to start from
     c.profile = False  # write a profiler trace of a few steps to the workdir
+
+    # Safety.
+    # Non-finite steps (loss, gradients, new weights or BN statistics) are never applied; up to this
+    # many are skipped and counted, and the next one stops the run (0: stop at the first).
+    c.skip_nonfinite_steps = 0
+    # Optimisation fields a resumed run may change, comma-separated (e.g. "learning_rate"); see
+    # RESUME_OPTIMISATION_FIELDS. Any other difference from the checkpoint's config is refused.
+    c.resume_changes = ""
     return c
 
 

@@ -240,3 +240,13 @@ def global_norm(tree: PyTree) -> jax.Array:
     return jnp.sqrt(
         sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.zeros([], jnp.float32))
     )
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """One boolean: every floating-point element of ``tree`` is finite (integer leaves are ignored)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)

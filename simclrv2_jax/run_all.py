@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from simclrv2_jax.cli import COMMAND_LINE_ERRORS, exit_bad_command_line
 from simclrv2_jax.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS, config_file
 
 PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
@@ -43,10 +44,18 @@ _CONFIG_FLAGS = {
         "Supervised-only baseline: a fine-tuning config trained from random weights.",
     ),
 }
-_CONFIGS = {
-    name: config_flags.DEFINE_config_file(name, f"{config_file(stage)}:{presets}", doc, lock_config=True)
-    for name, (stage, presets, doc) in _CONFIG_FLAGS.items()
-}
+try:
+    _CONFIGS = {
+        name: config_flags.DEFINE_config_file(name, f"{config_file(stage)}:{presets}", doc, lock_config=True)
+        for name, (stage, presets, doc) in _CONFIG_FLAGS.items()
+    }
+except COMMAND_LINE_ERRORS as e:
+    # A flag with a default config applies its overrides (--pretrain.*) from sys.argv as it is defined,
+    # so an unknown field fails here, at import, not in parse_flags. Run as a command, that is the same
+    # one-line error as parse_flags gives; imported as a library, the caller gets the exception.
+    if __name__ != "__main__":
+        raise
+    exit_bad_command_line(e, sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline directory (one sub-folder per stage).")
 _STAGES = flags.DEFINE_list("stages", list(PIPELINE_STAGES), "Stages to run, in this order.")
 flags.mark_flag_as_required("workdir")

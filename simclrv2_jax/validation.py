@@ -16,6 +16,11 @@ def _fail(field: str, value: Any, why: str) -> None:
     raise ValueError(f"config.{field}={value!r} is invalid: {why}")
 
 
+def resume_change_names(config: ml_collections.ConfigDict) -> list[str]:
+    """The field names listed in ``config.resume_changes``."""
+    return [n.strip() for n in str(config.get("resume_changes", "")).split(",") if n.strip()]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Rejects impossible values with one message naming the field; runs before any compilation."""
     c = config
@@ -61,8 +66,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "se_ratio",
         "eval_every_steps",
         "num_classes",
+        "skip_nonfinite_steps",
     ):
         positive(field, allow_zero=True)
+    for name in resume_change_names(c):
+        if name not in fields.RESUME_OPTIMISATION_FIELDS:
+            _fail(
+                "resume_changes",
+                c.resume_changes,
+                f"{name!r} is not a field a resumed run may change; those are "
+                f"{', '.join(f for f in fields.RESUME_OPTIMISATION_FIELDS if f in c)}.",
+            )
     if c.train_steps == 0 and c.train_epochs == 0:
         _fail("train_epochs", c.train_epochs, "set train_epochs > 0 or train_steps > 0.")
     if not 0 <= c.momentum < 1:

@@ -1,7 +1,8 @@
-"""The command line end to end: one 2-step pretraining run on fake data, then the same command again.
+"""The command line end to end: one 2-step pretraining run on fake data, then the same command again;
+and user mistakes that must end in one ``error:`` line and exit code 2.
 
-Two subprocesses in all (each pays JAX start-up and compilation); both share the session's
-compilation cache.
+The two training subprocesses each pay JAX start-up and compilation (they share the session's
+compilation cache); the mistakes are refused before anything is compiled.
 """
 
 import glob
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from fakedata import TINY_MODEL, read_checkpoint, subprocess_env
+from fakedata import IDX_FILES, TINY_MODEL, read_checkpoint, subprocess_env, write_fake_fashion_mnist
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -122,3 +123,74 @@ def test_same_command_again_resumes_without_training(cli_runs):
     # Nothing was trained again: the same training lines, the same single checkpoint.
     assert [r["step"] for r in second["history"] if "train/contrast_loss" in r] == [1, 2]
     assert second["checkpoints"] == [str(STEPS)]
+
+
+# ------------------------------------------------------------------------------------------------
+# User mistakes: one ``error:`` line on stderr, exit code 2, no traceback.
+
+
+def run_module(module, args, env):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_truncated_data_file_is_one_error_line(tmp_path, jax_compile_cache):
+    data_dir = tmp_path / "data"
+    write_fake_fashion_mnist(data_dir, n_train=20, n_test=10)
+    damaged = data_dir / IDX_FILES["train"][0]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    workdir = tmp_path / "run"
+    # Compilations are logged, to show that the run stopped at data loading, before compiling anything.
+    env = dict(subprocess_env(jax_compile_cache), JAX_LOG_COMPILES="1")
+    proc = run_module(
+        "simclrv2_jax.main",
+        [
+            "--config=configs/pretrain.py:fashion_mnist",
+            f"--workdir={workdir}",
+            f"--config.data_dir={data_dir}",
+            "--config.train_steps=1",
+        ],
+        env,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error:") and str(damaged) in last and "truncated" in last, last
+    assert "Traceback" not in proc.stderr
+    assert "Compiling" not in proc.stderr, proc.stderr[-3000:]
+    assert not (workdir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("--pretrain.nosuch=1", "nosuch"),
+        ("--finetune.no_such_field=0.5", "no_such_field"),
+        ("--distill.nosuch.deeper=1", "nosuch"),
+        ("--baseline.train_step=3", "train_step"),  # a typo of train_steps
+        ("--pretrain.train_steps=abc", "train_steps"),
+        ("--finetune.label_fraction=half", "label_fraction"),
+        ("--distill.temperature=warm", "temperature"),
+        ("--baseline.train_batch_size=1.5", "train_batch_size"),
+    ],
+)
+def test_run_all_bad_override_is_one_error_line(tmp_path, override, field):
+    workdir = tmp_path / "pipeline"
+    proc = run_module(
+        "simclrv2_jax.run_all",
+        [f"--workdir={workdir}", override],
+        dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: bad command line") and field in lines[0], lines[0]
+    assert override.split("=")[0].lstrip("-") in lines[0]  # the override given
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()  # refused before anything ran

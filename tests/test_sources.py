@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 
 import numpy as np
 import pytest
@@ -74,6 +75,44 @@ def test_corrupt_idx_is_rejected(tmp_path):
         f.write(bytes([0, 0, 8, 1]) + np.asarray([10], ">u4").tobytes() + b"abc")
     with pytest.raises(ValueError, match="10"):
         sources.read_idx(path)
+
+
+def damage(path, how):
+    """Damages a gzipped IDX file as a failed download or copy would."""
+    data = path.read_bytes()
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "not_gzip":
+        data = b"<html>404 Not Found</html>\n"
+    elif how == "corrupt":  # a wrong CRC-32 in the gzip trailer (its last 8 bytes: CRC, length)
+        data = data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:]
+    elif how == "empty":
+        data = b""
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    "how, says",
+    [("truncated", "truncated"), ("not_gzip", "not a gzip file"), ("corrupt", "corrupt"), ("empty", "empty")],
+)
+def test_damaged_gz_names_the_file_and_the_fix(tmp_path, how, says):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # Incompressible pixels: half of the file is half of the deflate stream.
+    write_idx(path, np.random.default_rng(0).integers(0, 256, size=(20, 8, 8), dtype=np.uint8))
+    damage(path, how)
+    with pytest.raises(ValueError) as info:
+        sources.read_idx(str(path))
+    message = str(info.value)
+    assert str(path) in message and says in message, message
+    assert "dataset-fashion-mnist" in message and "--config.data_dir" in message
+    assert "\n" not in message
+
+
+def test_damaged_gz_in_data_dir_stops_loading(tmp_path):
+    write_fake_fashion_mnist(tmp_path)
+    damage(tmp_path / IDX_NAMES["test"][1], "truncated")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / IDX_NAMES["test"][1]))):
+        sources.get_source("fashion_mnist", data_dir=str(tmp_path))
 
 
 @pytest.mark.skipif(

@@ -25,6 +25,7 @@ import gzip
 import logging
 import math
 import os
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -263,11 +264,44 @@ class TfdsSource(DataSource):
 # Fashion-MNIST from IDX files.
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_DAMAGED_FILE_FIX = (
+    "Copy the file again, re-install the Debian package if it came from there (`sudo apt-get install "
+    "--reinstall dataset-fashion-mnist`), or point --config.data_dir at a directory with intact files."
+)
+
+
+def _read_file(path: str) -> bytes:
+    """The file's bytes, un-gzipped if its name ends in .gz; a damaged file is a ValueError naming it."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download or copy? {_DAMAGED_FILE_FIX}")
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        head = f.read(len(_GZIP_MAGIC))
+    if not _GZIP_MAGIC.startswith(head):
+        raise ValueError(
+            f"{path} is not a gzip file (it starts with {head!r}, not {_GZIP_MAGIC!r}), though its name "
+            f"ends in .gz. {_DAMAGED_FILE_FIX}"
+        )
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        if isinstance(e, EOFError):
+            problem = (
+                "is truncated: its gzip stream ends before its end marker (an interrupted download or copy?)"
+            )
+        else:
+            problem = f"is corrupt: its gzip data does not decompress ({e})"
+        raise ValueError(f"{path} {problem}. {_DAMAGED_FILE_FIX}") from e
+
+
 def read_idx(path: str) -> np.ndarray:
     """Reads a (gzipped) IDX file: 2 zero bytes, a dtype code, ndim, then big-endian uint32 dims."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    path = os.fspath(path)
+    data = _read_file(path)
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r}).")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]

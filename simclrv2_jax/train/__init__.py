@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from typing import Any
 
@@ -15,13 +16,23 @@ STAGE_MODULES = {
 
 
 def train_stage(config: ml_collections.ConfigDict, workdir: str, mesh=None, **loop_kwargs: Any) -> dict:
-    """Validates ``config`` and trains its stage in ``workdir`` (resuming if it holds a checkpoint)."""
+    """Validates ``config`` and trains its stage in ``workdir`` (resuming if it holds a checkpoint).
+
+    The workdir is locked for the run (a second run on it refuses), and SIGTERM / Ctrl-C are caught
+    from here on, so that an interrupt while the task is built still ends cleanly.
+    """
+    import jax
+
     from simclrv2_jax import parallel
+    from simclrv2_jax import workdir as workdir_lib
     from simclrv2_jax.train import loop
     from simclrv2_jax.validation import validate
 
     validate(config)
-    mesh = mesh or parallel.create_mesh()
-    module = importlib.import_module(STAGE_MODULES[config.stage])
-    task = module.build(config, mesh)
-    return loop.run(task, workdir, mesh=mesh, **loop_kwargs)
+    path = workdir_lib.prepare(workdir)
+    lock = workdir_lib.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, loop.StopSignals() as stop:
+        mesh = mesh or parallel.create_mesh()
+        module = importlib.import_module(STAGE_MODULES[config.stage])
+        task = module.build(config, mesh)
+        return loop.run(task, workdir, mesh=mesh, stop=stop, **loop_kwargs)

@@ -3,6 +3,10 @@
 The optimiser and the model are closed over by the step function, so Orbax saves and restores the
 state as a plain pytree. The RNG is stored as raw key data; each step derives its key with
 ``fold_in(rng, step)``, so a resumed run draws exactly the numbers an uninterrupted run would.
+
+``skipped_steps`` counts the steps the finite-state guard refused to apply (non-finite loss,
+gradients, parameters or BN statistics; see ``step.py``); it travels with the checkpoint so that a
+resumed run keeps the same budget of skips.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # raw key data (uint32[2]) so that checkpoints hold plain arrays
+    skipped_steps: jax.Array  # int32: non-finite steps skipped so far (above the limit: halted)
 
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
@@ -50,4 +55,5 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         opt_state=tx.init(params),
         rng=jax.random.key_data(state_key),
+        skipped_steps=jnp.zeros((), jnp.int32),
     )

@@ -7,7 +7,14 @@ stacks its two views; distillation adds the frozen teacher's logits to the batch
 what every stage shares: the augmentation on the device when the stage asks for it
 (``augment(batch, key)`` with the step's key ``fold_in(rng, step)``), the model applied in training
 mode with mutable batch statistics, the optimiser's weight-decay term in the loss, the gradient,
-``grad_norm`` and ``learning_rate`` in the metrics, and the update.
+``grad_norm`` and ``learning_rate`` in the metrics, and the update behind the finite-state guard.
+
+The guard (``guarded_update``) checks on the device, inside the step, that the loss, the gradient
+norm, the new parameters and the new BN statistics are all finite. A step that is not is never
+applied: within the budget ``config.skip_nonfinite_steps`` it is skipped (the step counter moves
+on, nothing else changes) and counted in ``state.skipped_steps``; past the budget (default 0: the
+first one) the state halts -- it stays the last finite state, step counter included, and every
+later step is a no-op -- and the metric ``halted`` tells the loop to stop.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -67,9 +75,51 @@ def make_train_step(
         grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
         metrics["grad_norm"] = optim.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
-        return state.apply_gradients(grads, tx, batch_stats), metrics
+        updated = state.apply_gradients(grads, tx, batch_stats)
+        return guarded_update(state, updated, metrics, config.get("skip_nonfinite_steps", 0))
 
     return train_step
+
+
+GUARD_METRICS = ("nonfinite", "nonfinite_parts", "halted", "skipped_steps")
+GUARDED_PARTS = ("loss", "gradients", "weights", "BN statistics")
+
+
+def nonfinite_parts(bits: float) -> list[str]:
+    """The names encoded in the ``nonfinite_parts`` metric."""
+    return [name for i, name in enumerate(GUARDED_PARTS) if int(bits) >> i & 1]
+
+
+def guarded_update(
+    state: TrainState, updated: TrainState, metrics: dict, max_skipped: int
+) -> tuple[TrainState, dict]:
+    """``updated`` if the step is finite, else ``state`` skipped (within budget) or halted.
+
+    Adds the per-step flags ``nonfinite``, ``nonfinite_parts`` and ``halted`` and the running
+    ``skipped_steps`` to ``metrics`` (the loop takes them out before averaging).
+    """
+    checks = [
+        optim.all_finite(x)
+        for x in (metrics["loss"], metrics["grad_norm"], updated.params, updated.batch_stats)
+    ]
+    finite = jnp.all(jnp.stack(checks))
+    count = state.skipped_steps + jnp.logical_not(finite).astype(jnp.int32)
+    halted = count > max_skipped  # also true for every step after the first halt: count only grows
+    apply = jnp.logical_and(finite, jnp.logical_not(halted))
+    new = jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), updated, state)
+    new = new.replace(
+        step=state.step + jnp.logical_not(halted).astype(state.step.dtype),
+        skipped_steps=jnp.minimum(count, max_skipped + 1),
+    )
+    metrics = {
+        **metrics,
+        "nonfinite": jnp.logical_not(finite).astype(jnp.float32),
+        # Which parts failed, one bit each in the order of GUARDED_PARTS.
+        "nonfinite_parts": sum(jnp.logical_not(c).astype(jnp.float32) * 2.0**i for i, c in enumerate(checks)),
+        "halted": halted.astype(jnp.float32),
+        "skipped_steps": new.skipped_steps.astype(jnp.float32),
+    }
+    return new, metrics
 
 
 def make_eval_step(
