@@ -6,7 +6,7 @@
 First an uninterrupted reference run of a small pretraining config (the ``fashion_mnist`` preset made
 tiny: ResNet-18 x0.125 at 16 px, batch 32, 12 steps, a checkpoint every 3 steps, an evaluation at
 step 6 and at the end). Then, ``--runs`` times, a fresh run in its own workdir is hit at a random
-moment with SIGKILL, SIGTERM or SIGINT (Ctrl-C):
+moment of each kind below in turn, with SIGKILL, SIGTERM or SIGINT (Ctrl-C) drawn at random:
 
 * ``time``: after a random delay between 0 and the reference run's duration;
 * ``step``: right after a random step;
@@ -211,7 +211,7 @@ def main() -> None:
 
     faults = []
     for i in range(args.runs):
-        moment = rng.choice(MOMENTS)
+        moment = MOMENTS[i % len(MOMENTS)]  # every kind of moment, in turn; when within it is random
         name = rng.choice(sorted(SIGNALS))
         value = {
             "time": round(rng.uniform(0.0, reference_s), 2),

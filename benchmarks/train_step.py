@@ -6,6 +6,10 @@
 Writes ``benchmarks/results/train_step_<stage>_<preset>.json`` with compile time, seconds per step
 (median of ``--steps``), images/s (counting both views in pretraining) and the machine. Run it with
 ``SIMCLR_FAST_CPU_CONV=0`` to measure XLA's own convolution path on the CPU for comparison.
+
+When the stage augments on the device (the default on accelerators and for in-memory data), the
+batch is raw uint8 images and the augmentation is part of the timed step. ``--no_guard`` replaces
+the finite-state guard (``step.guarded_update``) by a plain update, to measure what the guard costs.
 """
 
 from __future__ import annotations
@@ -47,8 +51,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no_guard", action="store_true", help="time the step without the guard")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.no_guard:
+        from simclrv2_jax.train import step as step_module
+
+        def unguarded(state, updated, metrics, max_skipped):
+            zero = jax.numpy.zeros((), jax.numpy.float32)
+            return updated, {**metrics, **{k: zero for k in step_module.GUARD_METRICS}}
+
+        step_module.guarded_update = unguarded
 
     import importlib
 
@@ -66,14 +79,14 @@ def main() -> None:
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
     state = jax.jit(lambda: create_train_state(task.init_variables, task.tx, 0), out_shardings=rep)()
     views = 2 if args.stage == "pretrain" else 1
-    shape = (
-        (args.batch, views, config.image_size, config.image_size, 3)
-        if views > 1
-        else (args.batch, config.image_size, config.image_size, 3)
-    )
     rng = np.random.default_rng(0)
+    shape = (args.batch, config.image_size, config.image_size, 3)
+    if task.augment_on_device:  # the synthetic source's raw uint8 images: the step augments them
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:  # what the host pipeline hands the step: augmented float views
+        image = rng.uniform(size=(shape[0], views, *shape[1:]) if views > 1 else shape).astype(np.float32)
     batch = {
-        "image": rng.uniform(size=shape).astype(np.float32),
+        "image": image,
         "label": rng.integers(0, 10, size=args.batch).astype(np.int32),
         "mask": np.ones(args.batch, np.float32),
     }
@@ -103,6 +116,8 @@ def main() -> None:
         "model": {k: config[k] for k in fields.ARCH_FIELDS},
         "image_size": config.image_size,
         "fast_cpu_conv": os.environ.get("SIMCLR_FAST_CPU_CONV", "1") != "0",
+        "augment_on_device": task.augment_on_device,
+        "finite_state_guard": not args.no_guard,
         "compile_and_first_step_s": compile_s,
         "step_s_median": per_step,
         "step_s_min": min(times),

@@ -55,10 +55,17 @@ def bad_command_line_message(error: BaseException, argv: Sequence[str]) -> str:
     """The one ``error:`` line for a mistake on the command line: an unknown config field or a value
     of the wrong type in an override such as ``--config.train_steps=abc``, listing the overrides."""
     overrides = sorted({_override_name(a) for a in argv[1:] if a.startswith("-") and "." in a.split("=")[0]})
+    text = str(error)
+    if "Traceback (most recent call last)" in text:
+        # ml_collections embeds the config file's traceback: its last line is the actual error.
+        text = (
+            text.split("Traceback (most recent call last)", 1)[0]
+            + [line for line in text.splitlines() if line.strip()][-1].strip()
+        )
     what = (
         f"unknown config field {_unknown_field(error)}"
         if isinstance(error, (AttributeError, KeyError))
-        else " ".join(str(error).split())
+        else " ".join(text.split())
     )
     flag = overrides[0].split(".", 1)[0] if overrides else "config"
     return (
@@ -72,6 +79,26 @@ def exit_bad_command_line(error: BaseException, argv: Sequence[str]) -> NoReturn
     """Prints ``bad_command_line_message`` on stderr and exits with code 2."""
     print(bad_command_line_message(error, argv), file=sys.stderr)
     sys.exit(2)
+
+
+def config_value(holder: flags.FlagHolder, name: str = "config"):
+    """The ConfigDict of a ``--config``-style flag; a config file that does not load is one error line.
+
+    ml_collections loads the file lazily, when the value is first read, and reports a missing file
+    as an OSError with the paths it tried.
+    """
+    try:
+        value = holder.value
+        value.keys()  # a file that failed to load gives a placeholder that raises on first use
+        return value
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(
+            f"error: the --{name} file does not load: {' '.join(lines[-2:]) if lines else e}. Pass a config "
+            f"file such as --{name}=configs/pretrain.py:fashion_mnist (see configs/).",
+            file=sys.stderr,
+        )
+        sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

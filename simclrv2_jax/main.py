@@ -22,11 +22,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-    from simclrv2_jax.cli import run_reporting_user_errors, start_up
+    from simclrv2_jax.cli import config_value, run_reporting_user_errors, start_up
     from simclrv2_jax.train import train_stage
 
+    config = config_value(_CONFIG)
     start_up()
-    code, results = run_reporting_user_errors(train_stage, _CONFIG.value, _WORKDIR.value)
+    code, results = run_reporting_user_errors(train_stage, config, _WORKDIR.value)
     if code == 0:
         logging.info("Done: %s", {k: v for k, v in results.items() if k != "state"})
     return code

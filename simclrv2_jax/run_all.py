@@ -29,7 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from simclrv2_jax.cli import COMMAND_LINE_ERRORS, exit_bad_command_line
+from simclrv2_jax.cli import COMMAND_LINE_ERRORS, config_value, exit_bad_command_line
 from simclrv2_jax.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS, config_file
 
 PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    configs = stage_configs(*(_CONFIGS[name].value for name in PIPELINE_STAGES), _WORKDIR.value)
+    configs = stage_configs(*(config_value(_CONFIGS[name], name) for name in PIPELINE_STAGES), _WORKDIR.value)
     code, summary = run_reporting_user_errors(run_pipeline, configs, _WORKDIR.value, _STAGES.value)
     if code:
         return code

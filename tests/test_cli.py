@@ -194,3 +194,28 @@ def test_run_all_bad_override_is_one_error_line(tmp_path, override, field):
     assert override.split("=")[0].lstrip("-") in lines[0]  # the override given
     assert "Traceback" not in proc.stderr
     assert not workdir.exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize(
+    "module, args, expect",
+    [
+        ("simclrv2_jax.main", ["--config=configs/nosuch.py"], "error: the --config file does not load"),
+        (
+            "simclrv2_jax.run_all",
+            ["--finetune=configs/nosuch.py"],
+            "error: the --finetune file does not load",
+        ),
+        (
+            "simclrv2_jax.main",
+            ["--config=configs/pretrain.py:nosuchpreset"],
+            "Unknown config preset 'nosuchpreset'",
+        ),
+    ],
+)
+def test_config_file_that_does_not_load_is_one_error_line(tmp_path, module, args, expect):
+    workdir = tmp_path / "w"
+    proc = run_module(module, [f"--workdir={workdir}", *args], dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error:") and expect in lines[0] and "Traceback" not in proc.stderr
+    assert not workdir.exists()

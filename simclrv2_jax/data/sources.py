@@ -301,7 +301,10 @@ def _read_file(path: str) -> bytes:
 def read_idx(path: str) -> np.ndarray:
     """Reads a (gzipped) IDX file: 2 zero bytes, a dtype code, ndim, then big-endian uint32 dims."""
     path = os.fspath(path)
-    data = _read_file(path)
+    try:
+        data = _read_file(path)
+    except PermissionError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror}): fix its permissions.") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4]!r}).")
     dtype, ndim = np.dtype(_IDX_DTYPES[data[2]]), data[3]
