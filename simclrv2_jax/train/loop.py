@@ -326,7 +326,8 @@ def run(
                 f"(step {kept}) is saved in {checkpointer.path(kept)}. Resume from it with a lower "
                 f"learning rate (--config.learning_rate={_suggested_learning_rate(config)} "
                 "--config.resume_changes=learning_rate) or let the run skip such steps "
-                "(--config.skip_nonfinite_steps=N)."
+                "(--config.skip_nonfinite_steps=N); if it diverges again at once, the weights were already "
+                "ruined before this step: start afresh in a new --workdir."
             )
         if flags["nonfinite"]:
             logging.warning(
