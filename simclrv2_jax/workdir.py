@@ -226,6 +226,14 @@ def check_resume(
     if saved is None:
         return {}
     changes = config_changes(saved, config)
+    # A field this version added (absent from the checkpoint's config) is no change while it keeps
+    # the stage's default value: checkpoints of earlier versions stay resumable.
+    added = [k for k, (before, _) in changes.items() if before == "(absent)"]
+    if added:
+        defaults = _normalised(fields.get_config(config.stage))
+        for k in added:
+            if k in defaults and defaults[k] == changes[k][1]:
+                del changes[k]
     allowed = {n.strip() for n in str(config.get("resume_changes", "")).split(",") if n.strip()}
     fixed = {
         k: v

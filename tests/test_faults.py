@@ -477,3 +477,15 @@ def test_unwritable_workdir_is_one_error_line(workdir, fake_data_dir, jax_compil
     assert (
         lines[-1].startswith("error: Cannot") and workdir in lines[-1] and "writable --workdir" in lines[-1]
     )
+
+
+def test_field_added_by_a_later_version_keeps_old_checkpoints_resumable(tmp_path, fake_data_dir):
+    """A checkpoint's config without a field that exists now: no change while the field keeps its
+    default, a refused change once it does not."""
+    current = config(fake_data_dir)
+    saved = json.loads(json.dumps(current.to_dict()))
+    del saved["skip_nonfinite_steps"], saved["hidden_norm"]
+    assert workdir_lib.check_resume(saved, current, "ckpt") == {}
+    current.hidden_norm = not current.hidden_norm
+    with pytest.raises(ValueError, match="hidden_norm: '\\(absent\\)' in the checkpoint"):
+        workdir_lib.check_resume(saved, current, "ckpt")
