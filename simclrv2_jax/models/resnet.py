@@ -6,6 +6,10 @@ on selective-kernel 3x3 convs in bottleneck blocks and the ResNet-D stem and sho
 paper's "SK1" models. Basic blocks keep plain 3x3 convs (the release has no SK basic block) but do
 take the ResNet-D shortcut when ``sk_ratio > 0``.
 
+``block_counts`` gives other numbers of blocks per group than the named depths (e.g. ``(1, 1, 1, 1)``
+for small test models); ``depth`` must then be the layer count ``3 * sum + 2`` (bottleneck) or
+``2 * sum + 2`` (basic), which says the block kind. See ``block_layout``.
+
 ``fine_tune_after_block = k`` (0 = stem, 1..4 = block groups) freezes everything up to and including
 part k: its output is wrapped in ``stop_gradient`` and its batch norms run in inference mode, so
 neither the weights nor the BN statistics move. ``-1`` trains everything.
@@ -36,6 +40,29 @@ BLOCK_SPECS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
     152: ("bottleneck", (3, 8, 36, 3)),
     200: ("bottleneck", (3, 24, 36, 3)),
 }
+
+
+def block_layout(depth: int, block_counts: tuple[int, ...] | None = None) -> tuple[str, tuple[int, ...]]:
+    """(block kind, blocks per group) of a ResNet: from ``BLOCK_SPECS``, or from explicit counts.
+
+    With ``block_counts`` the depth is the usual weighted-layer count (stem conv + fc + 3 convs per
+    bottleneck block or 2 per basic block: 50 = 3 * 16 + 2), so it fixes the block kind unambiguously.
+    """
+    if block_counts is None:
+        if depth not in BLOCK_SPECS:
+            raise ValueError(f"resnet_depth={depth} is not supported; use one of {sorted(BLOCK_SPECS)}.")
+        return BLOCK_SPECS[depth]
+    counts = tuple(int(c) for c in block_counts)
+    if len(counts) != 4 or min(counts) < 1:
+        raise ValueError(f"block_counts={block_counts} must be four positive numbers of blocks per group.")
+    if depth == 3 * sum(counts) + 2:
+        return "bottleneck", counts
+    if depth == 2 * sum(counts) + 2:
+        return "basic", counts
+    raise ValueError(
+        f"resnet_depth={depth} does not fit block_counts={counts}: use {3 * sum(counts) + 2} for bottleneck "
+        f"blocks or {2 * sum(counts) + 2} for basic blocks."
+    )
 
 
 def scaled_width(base: int, width_multiplier: float) -> int:
@@ -130,7 +157,11 @@ class BottleneckBlock(ResidualBlock):
 
 
 class Stem(nn.Module):
-    """ImageNet stem (7x7/2 conv, max-pool), ResNet-D stem with SK, or the CIFAR stem (3x3/1)."""
+    """ImageNet stem (7x7/2 conv, max-pool), ResNet-D stem with SK, or the CIFAR stem (3x3/1).
+
+    Returns ``(initial_conv, initial_max_pool)``; as in the release, ``initial_conv`` is the last
+    stem conv's output before its batch norm and ReLU.
+    """
 
     width_multiplier: float
     sk_ratio: float = 0.0
@@ -144,20 +175,19 @@ class Stem(nn.Module):
         bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
         width = scaled_width(64, self.width_multiplier)
         if self.cifar_stem:
-            x = Conv(width, 3, 1, dtype=self.dtype, name="conv_0")(x)
-            x = BNReLU(**bn, name="bn_0")(x, train)
-            return x, x
+            initial_conv = Conv(width, 3, 1, dtype=self.dtype, name="conv_0")(x)
+            x = BNReLU(**bn, name="bn_0")(initial_conv, train)
+            return initial_conv, x
         if self.sk_ratio > 0:
             x = Conv(width // 2, 3, 2, dtype=self.dtype, name="conv_0")(x)
             x = BNReLU(**bn, name="bn_0")(x, train)
             x = Conv(width // 2, 3, 1, dtype=self.dtype, name="conv_1")(x)
             x = BNReLU(**bn, name="bn_1")(x, train)
-            x = Conv(width, 3, 1, dtype=self.dtype, name="conv_2")(x)
-            x = BNReLU(**bn, name="bn_2")(x, train)
+            initial_conv = Conv(width, 3, 1, dtype=self.dtype, name="conv_2")(x)
+            x = BNReLU(**bn, name="bn_2")(initial_conv, train)
         else:
-            x = Conv(width, 7, 2, dtype=self.dtype, name="conv_0")(x)
-            x = BNReLU(**bn, name="bn_0")(x, train)
-        initial_conv = x
+            initial_conv = Conv(width, 7, 2, dtype=self.dtype, name="conv_0")(x)
+            x = BNReLU(**bn, name="bn_0")(initial_conv, train)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         return initial_conv, x
 
@@ -170,6 +200,7 @@ class ResNet(nn.Module):
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     cifar_stem: bool = False
+    block_counts: tuple[int, ...] | None = None  # None: the standard counts of ``depth``
     fine_tune_after_block: int = -1
     num_groups: int = 1
     momentum: float = BATCH_NORM_DECAY
@@ -177,9 +208,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
-        if self.depth not in BLOCK_SPECS:
-            raise ValueError(f"resnet_depth={self.depth} is not supported; use one of {sorted(BLOCK_SPECS)}.")
-        kind, counts = BLOCK_SPECS[self.depth]
+        kind, counts = block_layout(self.depth, self.block_counts)
         block_cls = BasicBlock if kind == "basic" else BottleneckBlock
         bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
 

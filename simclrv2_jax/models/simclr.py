@@ -9,6 +9,10 @@ so a stage's checkpoint restores into the next stage by name:
 * ``finetune``: only the projection-head layers up to ``ft_proj_selector`` are built; the supervised
   head reads ``hiddens[ft_proj_selector]`` (0 = backbone output, 1 = after the first head layer, the
   SimCLRv2 choice, -1 = the last layer). Distillation students use this mode too.
+* ``full``: the layout and outputs of the authors' released checkpoints (``simclrv2_jax.convert``):
+  the whole projection head is built and gives ``proj_head_output``, and the supervised head reads
+  ``hiddens[ft_proj_selector]``. With ``num_classes = 0`` there is no supervised head (checkpoints
+  saved without one).
 
 The model returns a dict of named features: the backbone endpoints, ``proj_head_input``,
 ``proj_head_output`` and ``logits_sup``.
@@ -26,7 +30,7 @@ from simclrv2_jax.models.heads import ProjectionHead, SupervisedHead, kept_head_
 from simclrv2_jax.models.layers import BATCH_NORM_DECAY
 from simclrv2_jax.models.resnet import ResNet
 
-HEAD_MODES = ("pretrain", "finetune")
+HEAD_MODES = ("pretrain", "finetune", "full")
 
 
 class SimCLRModel(nn.Module):
@@ -35,6 +39,7 @@ class SimCLRModel(nn.Module):
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     cifar_stem: bool = False
+    block_counts: tuple[int, ...] | None = None  # blocks per group; None: those of resnet_depth
     proj_head_mode: str = "nonlinear"
     num_proj_layers: int = 3
     proj_out_dim: int = 128
@@ -58,7 +63,8 @@ class SimCLRModel(nn.Module):
             sk_ratio=self.sk_ratio,
             se_ratio=self.se_ratio,
             cifar_stem=self.cifar_stem,
-            fine_tune_after_block=self.fine_tune_after_block if self.head_mode == "finetune" else -1,
+            block_counts=self.block_counts,
+            fine_tune_after_block=self.fine_tune_after_block if self.head_mode != "pretrain" else -1,
             num_groups=self.num_bn_groups,
             momentum=self.batch_norm_decay,
             dtype=self.dtype,
@@ -66,10 +72,10 @@ class SimCLRModel(nn.Module):
         )(images, train)
         outputs = dict(outputs)
         outputs["proj_head_input"] = h
-        if self.head_mode == "pretrain":
-            num_layers = None
-        else:
-            num_layers = kept_head_layers(self.proj_head_mode, self.num_proj_layers, self.ft_proj_selector)
+        selected = 0  # index of the hiddens the supervised head reads (pretraining reads h directly)
+        if self.head_mode != "pretrain":
+            selected = kept_head_layers(self.proj_head_mode, self.num_proj_layers, self.ft_proj_selector)
+        num_layers = selected if self.head_mode == "finetune" else None
         # With every backbone part frozen, the projection head is what fine-tuning trains first; the
         # release keeps it trainable, and so do we.
         hiddens = ProjectionHead(
@@ -90,10 +96,14 @@ class SimCLRModel(nn.Module):
             outputs["proj_head_output"] = hiddens[-1]
             if self.lineareval_while_pretraining:
                 outputs["logits_sup"] = supervised(jax.lax.stop_gradient(h))
-        else:
+        elif self.head_mode == "finetune":
             feature = hiddens[-1]  # == hiddens[ft_proj_selector]: later layers were not built
             outputs["proj_head_output"] = feature
             outputs["logits_sup"] = supervised(feature)
+        else:
+            outputs["proj_head_output"] = hiddens[-1]
+            if self.num_classes > 0:
+                outputs["logits_sup"] = supervised(hiddens[selected])
         return outputs
 
 
