@@ -701,3 +701,99 @@ def load_official(
     weights = read_official(path)
     config = infer_config(weights, ft_proj_selector)
     return build_model(config), map_official(weights, config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command: an official checkpoint as a stage workdir of this project.
+
+
+def release_config(arch: Mapping[str, Any]):
+    """A full stage config for a converted checkpoint: the ``fields`` defaults, the data-set preset its
+    stem suggests (ImageNet, or CIFAR-10 for the CIFAR stem) and the inferred architecture.
+
+    The stage is ``finetune`` when there is a supervised head (so the workdir can serve as a
+    distillation teacher), else ``pretrain``.
+    """
+    from simclrv2_jax import fields
+
+    config = fields.get_config("finetune")
+    fields.apply_dataset(config, "cifar10" if arch["image_size"] <= CIFAR_IMAGE_SIZE else "imagenet")
+    config.stage = "finetune" if arch["num_classes"] else "pretrain"
+    config.checkpoint = ""
+    for key, value in arch.items():
+        config[key] = tuple(value) if key == "block_counts" else value
+    return config
+
+
+def convert_to_workdir(source: str, workdir: str, ft_proj_selector: int | None = None) -> dict[str, Any]:
+    """Writes the official checkpoint at ``source`` as a workdir of this project and returns its config.
+
+    ``WORKDIR/checkpoints/0/`` holds ``params`` and ``batch_stats`` (Orbax) with the config beside
+    them, and ``WORKDIR/config.json`` the config: what ``finetune --config.checkpoint=WORKDIR`` and
+    ``distill --config.teacher_checkpoint=WORKDIR`` read (the architecture comes from this config).
+    """
+    import json
+
+    from simclrv2_jax import workdir as workdir_lib
+    from simclrv2_jax.checkpoints import Checkpointer
+
+    weights = read_official(source)
+    arch = infer_config(weights, ft_proj_selector)
+    variables = map_official(weights, arch)
+    config = release_config(arch)
+    path = workdir_lib.prepare(workdir)
+    if (path / "checkpoints").exists() and any((path / "checkpoints").iterdir()):
+        raise ValueError(f"{workdir} already holds checkpoints; convert into an empty --workdir.")
+    with workdir_lib.WorkdirLock(path, f"convert {source}"):
+        checkpointer = Checkpointer(workdir, max_to_keep=1)
+        checkpointer.save(0, {"params": variables["params"], "batch_stats": variables["batch_stats"]}, config)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        (path / "converted_from.json").write_text(
+            json.dumps({"source": os.fspath(source), "variables": len(weights)}, indent=2)
+        )
+    return config.to_dict()
+
+
+def main(argv: list[str]) -> int:
+    from absl import app, logging
+
+    from simclrv2_jax.cli import run_reporting_user_errors, start_up
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    start_up()
+    code, config = run_reporting_user_errors(
+        convert_to_workdir, _SOURCE.value, _WORKDIR.value, _SELECTOR.value
+    )
+    if code == 0:
+        arch = ", ".join(f"{k}={config[k]}" for k in ("resnet_depth", "width_multiplier", "sk_ratio"))
+        logging.info("Converted %s into %s (%s)", _SOURCE.value, _WORKDIR.value, arch)
+        print(
+            f"Converted {_SOURCE.value} -> {_WORKDIR.value} ({arch}, {config['num_classes']} classes, "
+            f"ft_proj_selector={config['ft_proj_selector']}). Fine-tune it with --config.checkpoint="
+            f"{_WORKDIR.value}"
+            + (
+                f" or distill from it with --config.teacher_checkpoint={_WORKDIR.value}."
+                if config["num_classes"]
+                else "."
+            )
+        )
+    return code
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    _SOURCE = flags.DEFINE_string(
+        "source", None, "TF1 checkpoint (model.ckpt-N or its folder) or TF2 SavedModel."
+    )
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Where to write the converted workdir.")
+    _SELECTOR = flags.DEFINE_integer(
+        "ft_proj_selector", None, "Which hidden the supervised head reads, when the shapes cannot tell."
+    )
+    flags.mark_flags_as_required(["source", "workdir"])
+    from simclrv2_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -30,6 +30,7 @@ PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 # The network's shape: what a checkpoint must match to be restored into a model.
 ARCH_FIELDS = (
     "resnet_depth",
+    "block_counts",
     "width_multiplier",
     "sk_ratio",
     "se_ratio",
@@ -85,7 +86,7 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
         for width in (1, 2, 3):
             for sk in (0, 1):
                 presets[f"r{depth}_{width}x_sk{sk}"] = dict(
-                    resnet_depth=depth, width_multiplier=float(width), sk_ratio=SK_RATIO * sk
+                    resnet_depth=depth, block_counts=(), width_multiplier=float(width), sk_ratio=SK_RATIO * sk
                 )
     return presets
 
@@ -94,10 +95,10 @@ def _paper_presets() -> dict[str, dict[str, Any]]:
 # fixes only depth, width and SK; the stem follows the image size (the CIFAR stem for 32 px or less).
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     **_paper_presets(),
-    "r18_1x": dict(resnet_depth=18, width_multiplier=1.0, sk_ratio=0.0),
-    "r18_0.5x": dict(resnet_depth=18, width_multiplier=0.5, sk_ratio=0.0),
-    "r18_0.25x": dict(resnet_depth=18, width_multiplier=0.25, sk_ratio=0.0),
-    "r34_1x": dict(resnet_depth=34, width_multiplier=1.0, sk_ratio=0.0),
+    "r18_1x": dict(resnet_depth=18, block_counts=(), width_multiplier=1.0, sk_ratio=0.0),
+    "r18_0.5x": dict(resnet_depth=18, block_counts=(), width_multiplier=0.5, sk_ratio=0.0),
+    "r18_0.25x": dict(resnet_depth=18, block_counts=(), width_multiplier=0.25, sk_ratio=0.0),
+    "r34_1x": dict(resnet_depth=34, block_counts=(), width_multiplier=1.0, sk_ratio=0.0),
 }
 
 # Each preset data set: its tfds name, splits and image size, and the evaluation batch and logging
@@ -147,6 +148,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
 
     # Model (presets fill these in).
     c.resnet_depth = 18
+    # Blocks per group when they are not a standard depth's (e.g. (1, 1, 1, 1)); then resnet_depth is
+    # the layer count, 3 * blocks + 2 (bottleneck) or 2 * blocks + 2 (basic). () = resnet_depth's.
+    c.block_counts = ()
     c.width_multiplier = 0.25
     c.sk_ratio = 0.0
     c.se_ratio = 0.0

@@ -9,7 +9,7 @@ import ml_collections
 
 from simclrv2_jax import fields
 from simclrv2_jax.models.heads import kept_head_layers
-from simclrv2_jax.models.resnet import BLOCK_SPECS
+from simclrv2_jax.models.resnet import BLOCK_SPECS, block_layout
 
 
 def _fail(field: str, value: Any, why: str) -> None:
@@ -42,7 +42,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     one_of("optimizer", fields.OPTIMIZERS)
     one_of("learning_rate_scaling", fields.LR_SCALINGS)
     one_of("proj_head_mode", fields.PROJ_HEAD_MODES)
-    one_of("resnet_depth", sorted(BLOCK_SPECS))
+    if c.get("block_counts"):
+        try:
+            block_layout(c.resnet_depth, c.block_counts)
+        except ValueError as e:
+            _fail("block_counts", c.block_counts, str(e))
+    else:
+        one_of("resnet_depth", sorted(BLOCK_SPECS))
     one_of("compute_dtype", fields.DTYPES)
     for field in (
         "train_batch_size",

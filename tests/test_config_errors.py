@@ -157,15 +157,41 @@ def test_finetune_checkpoint_that_is_not_there(tmp_path, fake_data_dir, where):
 
 
 @pytest.fixture(scope="module")
-def incompatible(tmp_path_factory, fake_data_dir, pretrain_run):
-    """Fine-tuning a width-0.25 model from the width-0.125 pretraining run."""
+def incompatible(fake_data_dir, pretrain_run):
+    """Restoring the width-0.125 pretraining run into a width-0.25 fine-tuning model.
+
+    (``train_stage`` itself adopts the checkpoint's architecture, see ``test_finetune_adopts_the_
+    checkpoint_architecture``; the mismatch message is what a checkpoint without a usable config, or
+    a model built by hand, gets.)"""
+    import jax
+    import jax.numpy as jnp
+
+    from simclrv2_jax.checkpoints import load_variables
+    from simclrv2_jax.train import components
+
+    config = ft_config(fake_data_dir, pretrain_run["workdir"], width_multiplier=0.25)
+    mesh = parallel.create_mesh(1)
+    model = components.build_model(config, head_mode="finetune", num_classes=10, mesh=mesh)
+    images = jnp.zeros((2, config.image_size, config.image_size, 3), jnp.float32)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    target = {"params": dict(abstract["params"]), "batch_stats": abstract["batch_stats"]}
+    target["params"].pop("head_supervised")
     with pytest.raises(CheckpointError) as info:
-        train_stage(
-            ft_config(fake_data_dir, pretrain_run["workdir"], width_multiplier=0.25),
-            str(tmp_path_factory.mktemp("incompatible")),
-            mesh=parallel.create_mesh(1),
+        load_variables(
+            str(pretrain_run["workdir"]),
+            target,
+            sharding=parallel.replicated(mesh),
+            what="pretraining checkpoint",
         )
     return str(info.value)
+
+
+def test_finetune_adopts_the_checkpoint_architecture(tmp_path, fake_data_dir, pretrain_run):
+    """Fine-tuning has the network of the checkpoint it starts from: a width given on the command
+    line that differs is replaced by the checkpoint's (and logged), and the run trains."""
+    config = ft_config(fake_data_dir, pretrain_run["workdir"], width_multiplier=0.25)
+    results = train_stage(config, str(tmp_path / "run"), mesh=parallel.create_mesh(1))
+    assert results["completed"] and config.width_multiplier == pretrain_run["config"].width_multiplier
 
 
 def test_incompatible_checkpoint_lists_both_shapes(incompatible, pretrain_run):

@@ -20,6 +20,8 @@ import pytest
 from simclrv2_jax import convert
 from simclrv2_jax.models.resnet import block_layout
 
+pytest_plugins = ("fakedata",)  # fake data and the compilation cache for the command-line test
+
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"official-checkpoint fixtures not found at {FIXTURES}"
@@ -347,3 +349,83 @@ def test_tf2_names_of_global_bn_models(tf2_weights):
     reference = convert.map_official(tf2_weights, config)
     for got, want in zip(jax.tree_util.tree_leaves(converted), jax.tree_util.tree_leaves(reference)):
         np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command line: convert, then fine-tune from and distill from the converted workdir.
+
+
+def run_command(module, args, env):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    )
+
+
+@needs_fixtures
+def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
+    tmp_path, fake_data_dir, jax_compile_cache
+):
+    from fakedata import read_checkpoint, subprocess_env
+
+    env = subprocess_env(jax_compile_cache)
+    converted = tmp_path / "converted"
+    proc = run_command(
+        "simclrv2_jax.convert", [f"--source={TF1}", f"--workdir={converted}", "--ft_proj_selector=1"], env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # The workdir holds exactly the converted weights (read back with Orbax directly).
+    saved = read_checkpoint(converted, 0)
+    _, expected = convert.load_official(TF1, ft_proj_selector=1)
+    for part in ("params", "batch_stats"):
+        want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected[part])}
+        got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(saved[part])}
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+    # Fine-tuning and distillation take it as it is: no model flags (the architecture comes from the
+    # converted config); 64 px keeps the release's ImageNet stem.
+    common = [
+        f"--config.data_dir={fake_data_dir}",
+        "--config.image_size=64",
+        "--config.train_batch_size=16",
+        "--config.eval_batch_size=40",
+        "--config.train_steps=2",
+        "--config.label_fraction=1.0",
+    ]
+    finetuned = tmp_path / "finetune"
+    proc = run_command(
+        "simclrv2_jax.main",
+        [
+            "--config=configs/finetune.py:fashion_mnist",
+            f"--workdir={finetuned}",
+            f"--config.checkpoint={converted}",
+        ]
+        + common,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((finetuned / "results.json").read_text())
+    assert results["completed"] and results["init_checkpoint"] == str(converted)
+    used = json.loads((finetuned / "config.json").read_text())
+    assert (used["resnet_depth"], used["block_counts"], used["sk_ratio"]) == (14, [1, 1, 1, 1], 0.0625)
+
+    distilled = tmp_path / "distill"
+    proc = run_command(
+        "simclrv2_jax.main",
+        [
+            "--config=configs/distill.py:fashion_mnist",
+            f"--workdir={distilled}",
+            f"--config.teacher_checkpoint={converted}",
+        ]
+        + common,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((distilled / "results.json").read_text())
+    assert results["completed"] and "teacher_top1" in results["eval"]

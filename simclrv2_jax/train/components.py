@@ -7,6 +7,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 from jax.sharding import Mesh
 
 from simclrv2_jax import optim
@@ -23,7 +24,8 @@ def build_model(
     config: ml_collections.ConfigDict, *, head_mode: str, num_classes: int, mesh: Mesh, **overrides: Any
 ) -> SimCLRModel:
     """The model a config describes (its ``ARCH_FIELDS`` and the stage's head settings)."""
-    arch = {k: config[k] for k in ARCH_FIELDS}
+    arch = {k: config[k] for k in ARCH_FIELDS if k in config}
+    arch["block_counts"] = tuple(arch.get("block_counts") or ()) or None
     num_groups = 1 if config.global_bn else int(mesh.devices.size)
     kwargs = dict(
         **arch,
@@ -78,3 +80,42 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
     return optim.get_train_steps(
         num_examples, config.train_epochs, config.train_batch_size, config.train_steps
     )
+
+
+def adopt_architecture(config: ml_collections.ConfigDict, path: str, *, what: str) -> None:
+    """Gives ``config`` the architecture (``ARCH_FIELDS``) of the checkpoint it starts from.
+
+    A stage that starts from a checkpoint has that checkpoint's network, so its fields are taken
+    from the config saved beside it (a run of this project or a converted release checkpoint) and
+    the command needs no model flags. The stem is the one thing the image size decides (the CIFAR
+    stem at 32 px or less): a mismatch there is an error naming the fix.
+    """
+    from simclrv2_jax import checkpoints
+    from simclrv2_jax.validation import validate
+
+    saved = checkpoints.read_config(path)
+    changed = {}
+    for field in ARCH_FIELDS:
+        if field not in saved or field not in config:
+            continue
+        value = tuple(saved[field]) if isinstance(config[field], tuple) else saved[field]
+        if value != config[field]:
+            changed[field] = (config[field], value)
+            config[field] = value
+    if changed:
+        logging.info(
+            "%s: architecture taken from the %s at %s: %s",
+            config.stage,
+            what,
+            path,
+            ", ".join(f"{k}={v!r} (was {old!r})" for k, (old, v) in changed.items()),
+        )
+    saved_size = saved.get("image_size")
+    if saved_size is not None and (saved_size <= 32) != (config.image_size <= 32):
+        stem = "CIFAR (3x3, for images of 32 px or less)" if saved_size <= 32 else "ImageNet"
+        raise ValueError(
+            f"The {what} at {path} has the {stem} stem (trained at {saved_size} px), but "
+            f"config.image_size={config.image_size} selects the other one. Set --config.image_size="
+            f"{'32' if saved_size <= 32 else '64 or more'} (the images are resized to it)."
+        )
+    validate(config)

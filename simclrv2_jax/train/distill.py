@@ -56,6 +56,10 @@ def _check_student_matches_teacher(
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
+    if config.init_student_from_teacher:
+        # A student that starts as the teacher has the teacher's network.
+        teacher_config(config)  # a wrong path or stage fails with its own message first
+        components.adopt_architecture(config, config.teacher_checkpoint, what="teacher checkpoint")
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)

@@ -33,6 +33,9 @@ def supervised_loss(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
+    if config.checkpoint:
+        checkpoints.checkpoint_dir(config.checkpoint)  # a wrong path fails now, not after compiling
+        components.adopt_architecture(config, config.checkpoint, what="pretraining checkpoint")
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
@@ -43,7 +46,6 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         trainable = optim.trainable_mask(config.fine_tune_after_block)
     initialize = None
     if config.checkpoint:
-        checkpoints.checkpoint_dir(config.checkpoint)  # a wrong path fails now, not after compiling
         initialize = checkpoints.initialize_from(
             config.checkpoint,
             mesh,
