@@ -48,7 +48,7 @@ def block_layout(depth: int, block_counts: tuple[int, ...] | None = None) -> tup
     With ``block_counts`` the depth is the usual weighted-layer count (stem conv + fc + 3 convs per
     bottleneck block or 2 per basic block: 50 = 3 * 16 + 2), so it fixes the block kind unambiguously.
     """
-    if block_counts is None:
+    if not block_counts:  # None or (): the standard counts of the depth
         if depth not in BLOCK_SPECS:
             raise ValueError(f"resnet_depth={depth} is not supported; use one of {sorted(BLOCK_SPECS)}.")
         return BLOCK_SPECS[depth]
@@ -200,7 +200,7 @@ class ResNet(nn.Module):
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
     cifar_stem: bool = False
-    block_counts: tuple[int, ...] | None = None  # None: the standard counts of ``depth``
+    block_counts: tuple[int, ...] | None = None  # None or (): the standard counts of ``depth``
     fine_tune_after_block: int = -1
     num_groups: int = 1
     momentum: float = BATCH_NORM_DECAY
