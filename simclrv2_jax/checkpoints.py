@@ -231,12 +231,15 @@ class Checkpointer:
         self.manager.close()
 
 
-def checkpoint_dir(path: str) -> tuple[epath.Path, int]:
-    """Accepts a stage workdir, its checkpoints/ folder, or one step's folder; returns (dir, step)."""
+def checkpoint_dir(path: str, flag: str = "--config.checkpoint") -> tuple[epath.Path, int]:
+    """Accepts a stage workdir, its checkpoints/ folder, or one step's folder; returns (dir, step).
+
+    ``flag`` is the command-line flag that gave ``path``, named in the error if it does not exist.
+    """
     p = _absolute(path)
     if not p.exists():
         raise CheckpointError(
-            f"Checkpoint path {path} does not exist. Point --config.checkpoint at a "
+            f"Checkpoint path {path} does not exist. Point {flag} at a "
             "stage's workdir, its checkpoints/ folder or one step folder in it."
         )
     if (p / "state").exists() and p.name.isdigit():
@@ -261,14 +264,27 @@ def _reader(directory: epath.Path) -> ocp.CheckpointManager:
     )
 
 
-def read_config(path: str) -> dict[str, Any]:
-    """The config JSON saved beside the latest checkpoint under ``path``."""
-    directory, step = checkpoint_dir(path)
+def read_config(path: str, flag: str = "--config.checkpoint") -> dict[str, Any]:
+    """The config JSON saved beside the latest checkpoint under ``path`` (given by ``flag``)."""
+    directory, step = checkpoint_dir(path, flag)
     manager = _reader(directory)
     try:
         return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     finally:
         manager.close()
+
+
+def saved_modules(path: str) -> set[str]:
+    """The top-level parameter modules of the latest checkpoint under ``path`` (read from metadata),
+    e.g. ``{'backbone', 'head_projection', 'head_supervised'}``."""
+    directory, step = checkpoint_dir(path)
+    manager = _reader(directory)
+    try:
+        metadata = manager.item_metadata(step)["state"]
+    finally:
+        manager.close()
+    saved = metadata.tree if hasattr(metadata, "tree") else metadata
+    return set(saved.get("params", {}))
 
 
 def _paths(tree: Any) -> dict[str, Any]:

@@ -118,6 +118,13 @@ class WorkdirLock:
             return True
         return age > STALE_AFTER_S
 
+    def live_holder(self) -> dict[str, Any] | None:
+        """The record of the run holding the workdir now, or None if none does (or it is gone)."""
+        holder = self._holder()
+        if holder is None or self._stale(holder):
+            return None
+        return holder
+
     def _create(self) -> bool:
         """Creates the lock file only if it does not exist (atomically on a local file system)."""
         text = json.dumps(self.record, indent=2)
@@ -195,6 +202,11 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def running_run(workdir: epath.Path) -> dict[str, Any] | None:
+    """The lock record of a live run training in ``workdir``, or None (evaluators read this)."""
+    return WorkdirLock(workdir).live_holder()
 
 
 def _normalised(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:

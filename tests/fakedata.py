@@ -62,6 +62,38 @@ def tiny(config, data_dir, *, train_steps, checkpoint_steps=1000, **overrides):
 
 
 # ------------------------------------------------------------------------------------------------
+# Evaluation counted in NumPy: the test split read from its IDX file, metrics from the logits.
+
+
+def read_idx_gz(path):
+    """An IDX file by its header: magic (2 zero bytes, type, ndim), then big-endian uint32 sizes."""
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int(n) for n in np.frombuffer(raw[4 : 4 + 4 * ndim], ">u4"))
+    return np.frombuffer(raw[4 + 4 * ndim :], np.uint8).reshape(shape)
+
+
+def split_images(data_dir):
+    images = read_idx_gz(os.path.join(data_dir, "t10k-images-idx3-ubyte.gz"))
+    labels = read_idx_gz(os.path.join(data_dir, "t10k-labels-idx1-ubyte.gz")).astype(np.int64)
+    return np.repeat(images[..., None], 3, axis=-1), labels
+
+
+def numpy_metrics(logits, labels):
+    logits = np.asarray(logits, np.float64)
+    order = np.argsort(-logits, axis=-1)
+    rank = np.argmax(order == labels[:, None], axis=-1)  # 0 = the top prediction
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return {
+        "top1": float(np.mean(rank == 0)),
+        "top5": float(np.mean(rank < 5)),
+        "loss": float(-np.mean(log_probs[np.arange(len(labels)), labels])),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
 # Session fixtures. A test module loads them with ``pytest_plugins = ("fakedata",)``, so they are
 # registered once and the data, the compilation cache and the shared pretraining run are made once
 # per session, whichever of the modules run.

@@ -369,7 +369,9 @@ def run_command(module, args, env):
 def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
     tmp_path, fake_data_dir, jax_compile_cache
 ):
-    from fakedata import read_checkpoint, subprocess_env
+    from fakedata import numpy_metrics, read_checkpoint, split_images, subprocess_env
+
+    from simclrv2_jax.data import device_augment
 
     env = subprocess_env(jax_compile_cache)
     converted = tmp_path / "converted"
@@ -387,6 +389,30 @@ def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
         assert want.keys() == got.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+    # The evaluation command takes it as it is, on another data set (64 px keeps the ImageNet stem):
+    # its numbers are those of the release model counted in NumPy on the same images.
+    proc = run_command(
+        "simclrv2_jax.evaluate",
+        [
+            f"--workdir={converted}",
+            "--config.dataset=fashion_mnist",
+            f"--config.data_dir={fake_data_dir}",
+            "--config.image_size=64",
+            "--config.eval_batch_size=40",
+        ],
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = json.loads((converted / "eval_results.json").read_text())["latest"]
+    images, labels = split_images(fake_data_dir)
+    model, variables = convert.load_official(TF1, ft_proj_selector=1)
+    x = device_augment.preprocess_for_eval(images, height=64, width=64)
+    expected = numpy_metrics(model.apply(variables, x, train=False)["logits_sup"], labels)
+    assert (entry["step"], entry["eval_split"], entry["num_examples"]) == (0, "test", len(labels))
+    assert entry["top1"] == pytest.approx(expected["top1"], abs=1e-9)
+    assert entry["top5"] == pytest.approx(expected["top5"], abs=1e-9)
+    assert entry["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
     # Fine-tuning and distillation take it as it is: no model flags (the architecture comes from the
     # converted config); 64 px keeps the release's ImageNet stem.

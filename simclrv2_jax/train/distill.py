@@ -30,7 +30,9 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "config.teacher_checkpoint is empty: point it at a fine-tuning run's workdir "
             "(or one of its checkpoint step folders)."
         )
-    saved = ml_collections.ConfigDict(checkpoints.read_config(config.teacher_checkpoint))
+    saved = ml_collections.ConfigDict(
+        checkpoints.read_config(config.teacher_checkpoint, "--config.teacher_checkpoint")
+    )
     if saved.get("stage") not in ("finetune", "distill"):
         raise checkpoints.CheckpointError(
             f"config.teacher_checkpoint={config.teacher_checkpoint} holds a {saved.get('stage')!r} run; the "

@@ -121,24 +121,37 @@ def _average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(v) for k, v in merged.compute().items()}
 
 
-def evaluate(
-    task: Task, state: TrainState, eval_fn: Callable, sharding, stop: StopSignals | None = None
+def eval_totals(
+    batches: Iterable,
+    state: Any,
+    eval_fn: Callable,
+    sharding,
+    stop: StopSignals | None = None,
+    extra: tuple = (),
 ) -> dict[str, float]:
-    """One full pass over the eval split; metrics exact over the split thanks to the padding mask.
+    """The eval step's sums over ``batches`` (one full pass over the eval split), ``count`` included:
+    exact over the split thanks to the padding mask.
 
     Stops between batches (``_EvalInterrupted``) when ``stop`` has a request.
     """
     totals: dict[str, jax.Array] | None = None
-    for batch in global_iterator(task.eval_data(), sharding):
+    for batch in global_iterator(batches, sharding):
         if stop is not None and stop.requested:
             raise _EvalInterrupted
-        sums = eval_fn(state, batch, *task.extra)
+        sums = eval_fn(state, batch, *extra)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    if totals is None:
+    return {} if totals is None else {k: float(v) for k, v in jax.device_get(totals).items()}
+
+
+def evaluate(
+    task: Task, state: TrainState, eval_fn: Callable, sharding, stop: StopSignals | None = None
+) -> dict[str, float]:
+    """The task's eval metrics (sums divided by the example count) over its eval split."""
+    totals = eval_totals(task.eval_data(), state, eval_fn, sharding, stop, task.extra)
+    if not totals:
         return {}
-    totals = jax.device_get(totals)
-    count = max(float(totals.pop("count")), 1.0)
-    return {k: float(v) / count for k, v in totals.items()}
+    count = max(totals.pop("count"), 1.0)
+    return {k: v / count for k, v in totals.items()}
 
 
 def _write_json(path: epath.Path, payload: dict) -> None:
