@@ -213,7 +213,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         head_mode=head_mode,
         num_classes=num_classes,
         mesh=parallel.create_mesh(1),
-        num_bn_groups=1,
+        num_bn_groups=0,
         dtype=jnp.float32,
     )
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, channels), jnp.float32)

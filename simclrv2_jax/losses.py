@@ -186,17 +186,17 @@ def distillation_loss(
     temperature: float,
     mask: Array | None = None,
 ) -> Array:
-    """-sum_y P_T(y|x; tau) log P_S(y|x; tau), averaged over the masked examples.
+    """tau^2 * -sum_y P_T(y|x; tau) log P_S(y|x; tau), averaged over the masked examples.
 
-    There is no tau^2 factor (Hinton et al. add one to keep gradient magnitudes comparable across
-    temperatures): the official release leaves it out, and its learning rates were tuned that way.
+    The tau^2 factor (Hinton et al.) keeps the gradient's size the same at every temperature; the
+    release's distillation colabs (TF1 and TF2) both apply it. At the paper's tau = 1 it is 1.
     The teacher is wrapped in stop_gradient so no gradient can reach a teacher that shares
     parameters with the student (self-distillation).
     """
     teacher = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
     teacher_probs = jax.nn.softmax(teacher / temperature, axis=-1)
     student_log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
-    per_example = -jnp.sum(teacher_probs * student_log_probs, axis=-1)
+    per_example = -jnp.sum(teacher_probs * student_log_probs, axis=-1) * (temperature**2)
     return _masked_mean(per_example, mask)
 
 

@@ -25,6 +25,7 @@ from simclrv2_jax.fields import LR_SCALINGS, OPTIMIZERS
 
 PyTree = Any
 SUPERVISED_HEAD = "head_supervised"
+PROJECTION_HEAD = "head_projection"
 
 
 def get_train_steps(num_examples: int, train_epochs: float, batch_size: int, train_steps: int = 0) -> int:
@@ -172,11 +173,12 @@ def make_optimizer(
     raise ValueError(f"Unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}.")
 
 
-def trainable_mask(fine_tune_after_block: int) -> Callable[[PyTree], PyTree]:
+def trainable_mask(fine_tune_after_block: int, train_proj_head: bool = True) -> Callable[[PyTree], PyTree]:
     """Params tree -> bool tree, True where a param is trainable under ``fine_tune_after_block``.
 
     -1 trains everything; 0 freezes the backbone's stem; k in 1..4 the stem and block groups 1..k.
-    Heads are always trainable.
+    The supervised head always trains; the projection-head layers kept for fine-tuning only with
+    ``train_proj_head`` (the TF1 release leaves them out of the trained variables).
     """
     frozen_prefixes = []
     if fine_tune_after_block >= 0:
@@ -186,6 +188,8 @@ def trainable_mask(fine_tune_after_block: int) -> Callable[[PyTree], PyTree]:
     def trainable(params):
         def leaf(path, _):
             names = _path_names(path)
+            if names[0] == PROJECTION_HEAD:
+                return train_proj_head
             if names[0] != "backbone":
                 return True
             return not any(names[1].startswith(p) for p in frozen_prefixes)

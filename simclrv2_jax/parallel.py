@@ -85,3 +85,33 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, field: str = "train_bat
             f"Use a multiple of {devices}, e.g. --config.{field}={lower} or {lower + devices}."
         )
     return global_batch_size // jax.process_count()
+
+
+def group_major(parts, groups: int):
+    """Stacks equal-size batches (e.g. the two views) so that each of ``groups`` consecutive slices
+    holds its share of every part: ``[p0[g0], p1[g0], p0[g1], p1[g1], ...]``.
+
+    With the batch sharded over ``groups`` devices, a slice is one device's examples with all their
+    parts: the batch-norm group of per-device BN (``global_bn=False``), as each replica of the
+    release normalises its own images' two views together. ``groups <= 1`` concatenates the parts.
+    """
+    import jax.numpy as jnp
+
+    if groups <= 1:
+        return jnp.concatenate(parts, axis=0)
+    stacked = jnp.stack(parts)  # [P, N, ...]
+    p, n = stacked.shape[:2]
+    if n % groups:
+        raise ValueError(f"A batch of {n} rows cannot be split into {groups} batch-norm groups.")
+    rest = stacked.shape[2:]
+    grouped = stacked.reshape((p, groups, n // groups) + rest).swapaxes(0, 1)
+    return grouped.reshape((p * n,) + rest)
+
+
+def part_major(x, num_parts: int, groups: int):
+    """The inverse of ``group_major``: the parts one after another, ``[p0; p1; ...]``."""
+    if groups <= 1:
+        return x
+    n = x.shape[0] // num_parts
+    rest = x.shape[1:]
+    return x.reshape((groups, num_parts, n // groups) + rest).swapaxes(0, 1).reshape(x.shape)

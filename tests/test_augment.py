@@ -69,7 +69,8 @@ def test_center_crop_matches_hand_computed_window():
     np.testing.assert_allclose(out, wide[3:38, 23:58], atol=1e-5)
 
 
-def test_preprocess_for_eval_skips_crop_for_small_images():
+def test_preprocess_for_eval_crops_by_the_target_size():
+    """The release's rule (``get_preprocess_fn``): centre crop iff ``image_size > 32``."""
     small = np.random.default_rng(2).random((28, 28, 3), dtype=np.float32)
     np.testing.assert_array_equal(
         augment.preprocess_for_eval(tf.constant(small), height=28, width=28).numpy(), small
@@ -79,7 +80,20 @@ def test_preprocess_for_eval_skips_crop_for_small_images():
     np.testing.assert_allclose(
         augment.preprocess_for_eval(tf.constant(big), height=56, width=56).numpy(), big[4:60, 4:60], atol=1e-5
     )
-    # Size known only at run time: the same decisions are taken in the graph.
+    # A small image for a large model (Fashion-MNIST into a 64 px network) is centre-cropped:
+    # 87.5% of 28 px is 24.5, rounded to 24 px at offset 2, then resized to 64.
+    crop = augment.resize(tf.constant(small[2:26, 2:26]), 64, 64)
+    np.testing.assert_allclose(
+        augment.preprocess_for_eval(tf.constant(small), height=64, width=64).numpy(),
+        np.clip(crop.numpy(), 0, 1),
+        atol=1e-5,
+    )
+    # A large image for a 32 px network is not cropped: the whole image is resized.
+    whole = np.clip(augment.resize(tf.constant(big), 32, 32).numpy(), 0, 1)
+    np.testing.assert_allclose(
+        augment.preprocess_for_eval(tf.constant(big), height=32, width=32).numpy(), whole, atol=1e-6
+    )
+    # Size known only at run time: the same result.
     dynamic = tf.function(
         lambda x: augment.preprocess_for_eval(x, height=56, width=56),
         input_signature=[tf.TensorSpec([None, None, 3], tf.float32)],

@@ -246,3 +246,159 @@ def test_streaming_eval_covers_every_example_once(streamed):
             np.testing.assert_array_equal(b["label"][real], image_ids(b["image"][real]) % 10)
             seen.extend(image_ids(b["image"][real]).tolist())
     assert sorted(seen) == list(range(7))
+
+
+# ------------------------------------------------------------------------------------------------
+# Streaming: the files of the training split are read in a new order every epoch.
+
+
+class EightFilesImagesForPipelineTest(TinyGrayImagesForPipelineTest):
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(32), "test": self._generate_examples(12)}
+
+
+FILES, PER_FILE = 8, 4  # 32 training examples in 8 files of 4
+
+
+@pytest.fixture(scope="module")
+def eight_files(tmp_path_factory):
+    """The streamed source, and its training split's ids in canonical order as tfds itself reads
+    them (files one after the other), so that file f holds ``canonical[4*f : 4*f + 4]``."""
+    directory = str(tmp_path_factory.mktemp("tfds8"))
+    builder = EightFilesImagesForPipelineTest(data_dir=directory)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=FILES))
+    assert builder.info.splits["train"].shard_lengths == [PER_FILE] * FILES
+    read_config = tfds.ReadConfig(interleave_cycle_length=1)
+    ds = builder.as_dataset(split="train", shuffle_files=False, read_config=read_config)
+    canonical = np.array([int(e["image"][0, 0, 0]) // 6 for e in ds.as_numpy_iterator()])
+    assert sorted(canonical) == list(range(FILES * PER_FILE))
+    source = sources.get_source("eight_files_images_for_pipeline_test", directory, in_memory=False)
+    return source, canonical
+
+
+def piece_order(ids, canonical, pieces):
+    """The order in which one epoch of ``ids``, read without shuffle buffer, visits ``pieces``
+    (``(first canonical position, count)`` of each file or part of a file, worked out by hand),
+    after checking that it reads each piece whole, in the file's own order, one after the other."""
+    position = {int(i): p for p, i in enumerate(canonical)}
+    starts = {first: (k, count) for k, (first, count) in enumerate(pieces)}
+    order, at = [], 0
+    while at < len(ids):
+        first = position[int(ids[at])]
+        assert first in starts, f"id {ids[at]} at {at} does not start a piece"
+        k, count = starts[first]
+        np.testing.assert_array_equal(ids[at : at + count], canonical[first : first + count])
+        order.append(k)
+        at += count
+    assert sorted(order) == list(range(len(pieces)))  # every piece exactly once
+    return order
+
+
+WHOLE_FILES = [(PER_FILE * f, PER_FILE) for f in range(FILES)]
+
+
+def whole_file_orders(source, canonical, seed, epochs=3):
+    ids = train_ids(source, epochs * FILES, batch=PER_FILE, seed=seed, shuffle_buffer=1)
+    return [piece_order(epoch, canonical, WHOLE_FILES) for epoch in ids.reshape(epochs, -1)]
+
+
+def test_streamed_files_are_read_in_a_new_order_every_epoch(eight_files):
+    source, canonical = eight_files
+    assert source.num_files("train") == FILES
+    # Without shuffle buffer an epoch is its files one after the other (each has fewer records than
+    # the interleave block of 16), so the file order can be read off the stream.
+    orders = whole_file_orders(source, canonical, seed=7)
+    for order in orders:
+        assert sorted(order) == list(range(FILES))
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert whole_file_orders(source, canonical, seed=7) == orders
+    assert whole_file_orders(source, canonical, seed=8)[0] != orders[0]
+    for e, order in enumerate(orders):  # the inspection helper tells the same order
+        assert pipeline.epoch_file_order(7, e, FILES).tolist() == order
+
+
+def test_streamed_resume_with_shuffled_files_is_bit_identical(eight_files):
+    source, canonical = eight_files
+    # Batches of 6 of a 32-example epoch: step 5 holds elements 30..35 and crosses into epoch 1,
+    # step 10 holds 60..65 and crosses into epoch 2.
+    kwargs = dict(local_batch_size=6, seed=3, num_views=2, image_size=SIZE, preprocess=SIMCLR_VIEW)
+    straight = take(pipeline.train_dataset(source, "train", shuffle_buffer=5, **kwargs), 12)
+    for step in (5, 10):
+        resumed = take(
+            pipeline.train_dataset(source, "train", shuffle_buffer=5, start_step=step, **kwargs), 2
+        )
+        for a, b in zip(straight[step:], resumed):
+            for key in ("image", "label", "mask"):
+                np.testing.assert_array_equal(a[key], b[key])
+    # Without shuffle buffer the file order shows: it changes at the epoch boundaries that the
+    # resumed runs jump over, and they still read exactly the uninterrupted stream.
+    ids = train_ids(source, 16, batch=6, seed=3, shuffle_buffer=1)
+    orders = [piece_order(epoch, canonical, WHOLE_FILES) for epoch in ids[:64].reshape(2, -1)]
+    assert orders[0] != orders[1]
+    for step in (5, 10):
+        resumed = train_ids(source, 2, batch=6, seed=3, shuffle_buffer=1, start_step=step)
+        np.testing.assert_array_equal(resumed, ids[6 * step : 6 * step + 12])
+
+
+def test_streamed_processes_cover_every_example_once_per_epoch(eight_files):
+    source, canonical = eight_files
+    # 3 processes own positions [0, 10), [10, 21), [21, 32): by hand, process 1 holds the last 2
+    # records of file 2, files 3 and 4, and the first record of file 5.
+    bounds = [(0, 10), (10, 21), (21, 32)]
+    pieces = [
+        [(0, 4), (4, 4), (8, 2)],
+        [(10, 2), (12, 4), (16, 4), (20, 1)],
+        [(21, 3), (24, 4), (28, 4)],
+    ]
+    epochs = 3
+    streams = [
+        train_ids(
+            source, epochs * (hi - lo), batch=1, seed=1, process_index=k, process_count=3, shuffle_buffer=1
+        )
+        for k, (lo, hi) in enumerate(bounds)
+    ]
+    for e in range(epochs):
+        seen = []
+        for k, (lo, hi) in enumerate(bounds):
+            epoch = streams[k][e * (hi - lo) : (e + 1) * (hi - lo)]
+            assert sorted(epoch.tolist()) == sorted(canonical[lo:hi].tolist())
+            seen.extend(epoch.tolist())
+        assert sorted(seen) == list(range(FILES * PER_FILE))  # disjoint and complete
+    for k, (lo, hi) in enumerate(bounds):
+        assert source.num_files("train", k, 3) == len(pieces[k])
+        epoch_length = hi - lo
+        orders = [
+            piece_order(streams[k][e * epoch_length : (e + 1) * epoch_length], canonical, pieces[k])
+            for e in range(epochs)
+        ]
+        assert orders[0] != orders[1] or orders[1] != orders[2]
+    # The default buffer on top keeps each process on its own share.
+    shares = [
+        train_ids(source, hi - lo, batch=1, seed=1, process_index=k, process_count=3)
+        for k, (lo, hi) in enumerate(bounds)
+    ]
+    for share, (lo, hi) in zip(shares, bounds):
+        assert sorted(share.tolist()) == sorted(canonical[lo:hi].tolist())
+
+
+def test_streamed_eval_labels_and_subsets_keep_canonical_order(eight_files):
+    source, canonical = eight_files
+    np.testing.assert_array_equal(source.labels("train"), canonical % 10)
+    for k, (lo, hi) in enumerate([(0, 16), (16, 32)]):
+        batches = list(
+            pipeline.eval_dataset(
+                source, "train", local_batch_size=5, image_size=SIZE, process_index=k, process_count=2
+            ).as_numpy_iterator()
+        )
+        index = np.concatenate([b["index"][b["mask"] == 1] for b in batches])
+        ids = np.concatenate([image_ids(b["image"][b["mask"] == 1]) for b in batches])
+        np.testing.assert_array_equal(index, np.arange(lo, hi))
+        np.testing.assert_array_equal(ids, canonical[lo:hi])
+    shard = list(source.load("train", shard_index=1, num_shards=3).as_numpy_iterator())
+    np.testing.assert_array_equal([e["index"] for e in shard], np.arange(10, 21))
+    np.testing.assert_array_equal([int(e["image"][0, 0, 0]) // 6 for e in shard], canonical[10:21])
+    # Label subsets name canonical positions; they select the same examples whatever the file order.
+    subset = [0, 5, 9, 17, 30]
+    ids = train_ids(source, 3 * len(subset), batch=1, seed=2, indices=subset)
+    for epoch in ids.reshape(3, -1):
+        assert sorted(epoch.tolist()) == sorted(canonical[subset].tolist())

@@ -188,9 +188,10 @@ def test_resize_center_crop_and_eval_match_augment():
         ref = tf.clip_by_value(tf.image.resize(images, hw, method="bicubic"), 0, 1).numpy()
         np.testing.assert_allclose(out, ref, atol=_RESIZE_ATOL)
     np.testing.assert_array_equal(np.asarray(da.resize(images, 64, 48)), images)
-    # Eval: centre crop above 32 px, a plain resize (or nothing) at or below; uint8 input / 255.
+    # Eval: centre crop for targets above 32 px, a plain resize (or nothing) at or below; uint8 / 255.
     small = (_images((2, 28, 28, 3), seed=2) * 255).astype(np.uint8)
-    for batch, hw in [(images, (32, 32)), (small, (32, 32)), (small, (28, 28))]:
+    cases = [(images, (32, 32)), (images, (56, 56)), (small, (32, 32)), (small, (28, 28)), (small, (64, 64))]
+    for batch, hw in cases:
         out = np.asarray(jax.jit(functools.partial(da.preprocess_for_eval, height=hw[0], width=hw[1]))(batch))
         floats = batch / np.float32(255) if batch.dtype == np.uint8 else batch
         ref = [augment.preprocess_for_eval(tf.constant(im), height=hw[0], width=hw[1]) for im in floats]

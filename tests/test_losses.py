@@ -140,13 +140,14 @@ def test_supervised_cross_entropy_matches_numpy_with_mask():
 
 
 def test_distillation_loss_matches_numpy_and_blocks_teacher_gradient():
+    """The release's colabs: tau^2 * softmax cross-entropy(p_T(tau), s / tau), mean over examples."""
     rng = np.random.RandomState(2)
     student = rng.randn(5, 7).astype(np.float32)
     teacher = rng.randn(5, 7).astype(np.float32) * 3
     mask = np.array([1, 1, 0, 1, 0], np.float32)
     tau = 2.0
     t = np.exp(_np_log_softmax(teacher.astype(np.float64) / tau))
-    per = -(t * _np_log_softmax(student.astype(np.float64) / tau)).sum(1)
+    per = -(t * _np_log_softmax(student.astype(np.float64) / tau)).sum(1) * tau**2
     got = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), temperature=tau)
     np.testing.assert_allclose(float(got), per.mean(), rtol=1e-6)
     got = losses.distillation_loss(
@@ -158,12 +159,12 @@ def test_distillation_loss_matches_numpy_and_blocks_teacher_gradient():
         jnp.asarray(teacher)
     )
     assert not np.any(np.asarray(g_teacher))
-    # d/ds of the loss is (softmax(s/tau) - p_T) / (tau * B): no tau^2 factor.
+    # d/ds of the loss is tau^2 (softmax(s/tau) - p_T) / (tau * B) = tau (softmax(s/tau) - p_T) / B.
     g_student = jax.grad(lambda s_: losses.distillation_loss(s_, jnp.asarray(teacher), temperature=tau))(
         jnp.asarray(student)
     )
     s = np.exp(_np_log_softmax(student.astype(np.float64) / tau))
-    np.testing.assert_allclose(np.asarray(g_student), (s - t) / (tau * 5), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g_student), tau * (s - t) / 5, rtol=1e-5, atol=1e-7)
 
 
 def test_topk_correct_and_accuracy():

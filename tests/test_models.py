@@ -131,6 +131,26 @@ def test_batch_norm_groups_normalise_each_slice_separately():
     # Moving averages: decay 0.9 from (0, 1) towards the average of the group statistics.
     group_mean = (x[:4].mean(axis=(0, 1, 2)) + x[4:].mean(axis=(0, 1, 2))) / 2
     np.testing.assert_allclose(np.asarray(updates["batch_stats"]["mean"]), 0.1 * group_mean, rtol=1e-5)
+    # Per-device BN is TF1's fused BN: the moving variance takes each group's *unbiased* variance,
+    # n / (n - 1) times the biased one, n = 4 rows x 3 x 3 = 36 values per channel.
+    group_var = (x[:4].var(axis=(0, 1, 2), ddof=1) + x[4:].var(axis=(0, 1, 2), ddof=1)) / 2
+    np.testing.assert_allclose(
+        np.asarray(updates["batch_stats"]["var"]), 0.9 * 1.0 + 0.1 * group_var, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("num_groups", [0, 1])
+def test_batch_norm_moving_variance_global_biased_per_device_unbiased(num_groups):
+    """TF1: global BN (its cross-replica class, not fused) averages the biased batch variance; the
+    per-replica fused BN (``global_bn=False``, here one device: one group) the unbiased one."""
+    x = np.random.default_rng(7).normal(size=(4, 2, 2, 3)).astype(np.float32) * 2 - 1
+    bn = BatchNorm(num_groups=num_groups)
+    variables = bn.init(jax.random.key(0), x, train=True)
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y), batch_norm_train(x), rtol=1e-4, atol=1e-4)  # biased here
+    ddof = 0 if num_groups == 0 else 1
+    expected = 0.9 + 0.1 * x.var(axis=(0, 1, 2), ddof=ddof)
+    np.testing.assert_allclose(np.asarray(updates["batch_stats"]["var"]), expected, rtol=1e-5)
 
 
 def _head_outputs(mode, layers, selector=None, out_dim=8):
@@ -241,12 +261,29 @@ def test_supervised_head_reads_selected_hidden(selector, expected):
     )
 
 
-def test_lineareval_while_pretraining_sends_no_gradient_to_backbone():
+@pytest.mark.parametrize("selector", [0, 1])
+def test_lineareval_while_pretraining_reads_the_selected_hidden_without_gradient(selector):
+    """The TF2 release: the linear head reads stop_gradient(hiddens[ft_proj_selector]) (h at 0); no
+    gradient reaches the backbone or the projection head."""
     x = np.random.default_rng(8).uniform(size=(4, 16, 16, 3)).astype(np.float32)
     model = SimCLRModel(
-        resnet_depth=18, width_multiplier=0.25, cifar_stem=True, num_classes=5, proj_out_dim=8
+        resnet_depth=18,
+        width_multiplier=0.25,
+        cifar_stem=True,
+        num_classes=5,
+        proj_out_dim=8,
+        ft_proj_selector=selector,
     )
     variables = model.init(jax.random.key(0), x, train=False)
+    out = model.apply(variables, x, train=False)
+    feature = np.asarray(out["proj_head_input"] if selector == 0 else out["hiddens"][selector])
+    head = variables["params"]["head_supervised"]["dense"]
+    np.testing.assert_allclose(
+        np.asarray(out["logits_sup"]),
+        feature @ np.asarray(head["kernel"]) + np.asarray(head["bias"]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
     def sup_loss(params):
         out, _ = model.apply(
@@ -258,7 +295,8 @@ def test_lineareval_while_pretraining_sends_no_gradient_to_backbone():
         return jnp.sum(out["logits_sup"] ** 2)
 
     grads = jax.grad(sup_loss)(variables["params"])
-    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads["backbone"]))
+    for part in ("backbone", "head_projection"):
+        assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads[part]))
     assert float(jnp.abs(grads["head_supervised"]["dense"]["kernel"]).max()) > 0
 
 

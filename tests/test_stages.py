@@ -76,7 +76,8 @@ def _finetune(tmp_path_factory, mesh, data_dir, checkpoint, name, **overrides):
 
 @pytest.fixture(scope="module")
 def finetune_all(tmp_path_factory, mesh, fake_data_dir, pretrain_run):
-    """Fine-tunes everything (fine_tune_after_block=-1) from ft_proj_selector=1; the teacher below."""
+    """Fine-tunes the whole backbone (fine_tune_after_block=-1) from ft_proj_selector=1, the kept
+    projection layer fixed as in the TF1 release; the teacher below."""
     return _finetune(
         tmp_path_factory,
         mesh,
@@ -85,13 +86,15 @@ def finetune_all(tmp_path_factory, mesh, fake_data_dir, pretrain_run):
         "finetune_all",
         ft_proj_selector=1,
         fine_tune_after_block=-1,
+        train_proj_head_in_finetune=False,
     )
 
 
 @pytest.fixture(scope="module")
 def finetune_frozen(tmp_path_factory, mesh, fake_data_dir, pretrain_run):
     """Backbone frozen up to block group 4 (all of it). With weight decay on, so that LARS's decay
-    would move the frozen weights if their updates were not masked out (gradients alone would not)."""
+    would move the frozen weights if their updates were not masked out (gradients alone would not).
+    The kept projection layer trains (the TF2 release's choice)."""
     return _finetune(
         tmp_path_factory,
         mesh,
@@ -101,6 +104,7 @@ def finetune_frozen(tmp_path_factory, mesh, fake_data_dir, pretrain_run):
         ft_proj_selector=1,
         fine_tune_after_block=4,
         weight_decay=1e-4,
+        train_proj_head_in_finetune=True,
     )
 
 
@@ -181,6 +185,21 @@ def test_unfrozen_backbone_trains(finetune_all, pretrained):
     stats = changed_leaves(state.batch_stats["backbone"], pretrained["batch_stats"]["backbone"])
     assert len(weights) == len(flat(pretrained["params"]["backbone"]))
     assert len(stats) == len(flat(pretrained["batch_stats"]["backbone"]))
+
+
+def test_kept_projection_layer_keeps_its_weights_as_in_the_tf1_release(finetune_all, pretrained):
+    """train_proj_head_in_finetune=False: TF1 fine-tuning trains the backbone blocks and the supervised
+    head only. The kept projection layer's weights stay bit for bit the pretrained ones (its gradient
+    still reaches the backbone, which trains), while its BN runs in training mode and so updates its
+    moving statistics."""
+    state = host_copy(finetune_all["results"]["state"])
+    on_disk = read_checkpoint(finetune_all["workdir"])
+    layer = {"layer_0": pretrained["params"]["head_projection"]["layer_0"]}
+    layer_stats = {"layer_0": pretrained["batch_stats"]["head_projection"]["layer_0"]}
+    for params, stats in ((state.params, state.batch_stats), (on_disk["params"], on_disk["batch_stats"])):
+        assert_same(params["head_projection"], layer, "projection layer weights")
+        assert len(changed_leaves(stats["head_projection"], layer_stats)) == len(flat(layer_stats))
+        assert np.any(params["head_supervised"]["dense"]["kernel"] != 0)
 
 
 def test_finetune_label_subset_sizes(fake_data_dir, pretrain_run, mesh):

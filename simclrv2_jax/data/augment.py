@@ -334,24 +334,15 @@ def preprocess_for_train(
 def preprocess_for_eval(image: tf.Tensor, *, height: int, width: int, crop: bool = True) -> tf.Tensor:
     """Evaluation view (official ``preprocess_for_eval``): 87.5% centre crop + bicubic resize.
 
-    As in the official ``get_preprocess_fn`` the crop is skipped for images of 32 px or less (CIFAR,
-    Fashion-MNIST), which are then only resized when their size differs from the target. When the
-    size is only known at run time the decision is made at run time.
+    As in the official ``get_preprocess_fn``, the target size decides: no crop when the model's
+    input is 32 px or less (CIFAR, Fashion-MNIST), whatever the source size. Without a crop the
+    release only reshapes (the image must already have the target size); here an image of another
+    size is resized to it.
     """
     image = tf.convert_to_tensor(image, tf.float32)
-    static_h, static_w = _static_hw(image)
-    if not crop:
-        image = _resize_if_needed(image, height, width)
-    elif static_h is not None and static_w is not None:
-        if max(static_h, static_w) <= SMALL_IMAGE_SIZE:
-            image = _resize_if_needed(image, height, width)
-        else:
-            image = center_crop(image, height, width)
+    if crop and max(height, width) > SMALL_IMAGE_SIZE:
+        image = center_crop(image, height, width)
     else:
-        shape = tf.shape(image)
-        is_small = tf.maximum(shape[0], shape[1]) <= SMALL_IMAGE_SIZE
-        image = tf.cond(
-            is_small, lambda: resize(image, height, width), lambda: center_crop(image, height, width)
-        )
+        image = _resize_if_needed(image, height, width)
     image = tf.clip_by_value(image, 0.0, 1.0)
     return tf.ensure_shape(image, [height, width, image.shape[-1]])

@@ -443,9 +443,9 @@ def preprocess_for_train(
 
 def preprocess_for_eval(images, *, height: int, width: int, crop: bool = True) -> jax.Array:
     """Evaluation view (``augment.preprocess_for_eval``): 87.5% centre crop + bicubic resize, the
-    crop skipped for images of at most 32 px (then only resized when the size differs)."""
+    crop skipped when the target is at most 32 px (then only resized when the size differs)."""
     x = _to_float(images)
-    if crop and max(x.shape[1:3]) > SMALL_IMAGE_SIZE:
+    if crop and max(height, width) > SMALL_IMAGE_SIZE:
         x = center_crop_and_resize(x, height, width)
     else:
         x = resize(x, height, width)

@@ -13,10 +13,21 @@ jumps straight to epoch ``(s*b) // n`` and skips ``(s*b) % n`` elements of it, n
 and because of the above the batches are bit-identical to those of an uninterrupted run.
 
 In-memory sources permute with ``tf.random.experimental.index_shuffle``, a stateless bijection of
-``[0, n)``, so jumping is O(1). Streaming (tfds) sources shuffle each epoch with a buffer whose
-seed is a pure function of ``(seed, epoch, process_index)``; the files are read in a fixed order,
-so the epoch's order, and therefore resume, is exact there too (the skipped elements of the first
-epoch are read but stay encoded, never decoded or augmented).
+``[0, n)``, so jumping is O(1). Streaming (tfds) sources order an epoch in two stages, as the
+authors' input does (``shuffle_files=True``, then ``Dataset.shuffle``):
+
+1. the shard's files (tfds file instructions: a file, or the part of one the shard holds) are
+   read in a permutation drawn from ``file_order_seed(seed, e, process_index)`` (``index_shuffle``
+   again, see ``epoch_file_order``), 16 files interleaved deterministically, so the examples that
+   meet in a batch change from epoch to epoch and not only within the shuffle buffer's reach;
+2. a shuffle buffer, whose seed is drawn from ``order_seed(seed, e, process_index)``, mixes them.
+
+Both stages are deterministic functions of the seeds, so the epoch's order, and therefore resume,
+is exact there too (the skipped elements of the first epoch are read but stay encoded, never
+decoded or augmented). Sharding is unchanged: each process reads the contiguous range
+``shard_bounds`` gives it and only reorders its own files, so the processes still cover every
+example exactly once per epoch. Evaluation and ``DataSource.labels`` read in canonical order, and
+every example keeps its canonical ``index`` (label subsets filter on it) whatever the file order.
 """
 
 from collections.abc import Callable
@@ -30,6 +41,7 @@ from simclrv2_jax.data.tf_cpu import tf
 # Separate streams so that the order of examples and their augmentation are independent.
 _ORDER_STREAM = 0x0DE5
 _AUGMENT_STREAM = 0xA06E
+_FILE_ORDER_STREAM = 0xF11E
 
 Preprocess = Callable[[tf.Tensor, tf.Tensor], tf.Tensor]
 
@@ -45,18 +57,32 @@ def order_seed(seed: int, epoch, process_index: int) -> tf.Tensor:
     return _fold(tf.constant([seed, _ORDER_STREAM], tf.int64), epoch, process_index)
 
 
+def file_order_seed(seed: int, epoch, process_index: int) -> tf.Tensor:
+    """The ``[2]`` int64 seed of the order in which one epoch on one process reads its files."""
+    return _fold(tf.constant([seed, _FILE_ORDER_STREAM], tf.int64), epoch, process_index)
+
+
 def augmentation_seed(seed: int, epoch, position, process_index: int) -> tf.Tensor:
     """The ``[2]`` int64 seed that augments the element at ``position`` of ``epoch``."""
     return _fold(tf.constant([seed, _AUGMENT_STREAM], tf.int64), epoch, position, process_index)
 
 
+def _permutation(n: int, seed: tf.Tensor) -> tf.Tensor:
+    return tf.random.experimental.index_shuffle(
+        tf.range(n, dtype=tf.int64), seed, tf.constant(n - 1, tf.int64)
+    )
+
+
 def epoch_permutation(seed: int, epoch: int, n: int, process_index: int = 0) -> np.ndarray:
     """Order in which an in-memory shard of ``n`` examples is visited in ``epoch`` (for tests and
     inspection; the pipeline computes the same thing element by element)."""
-    positions = tf.range(n, dtype=tf.int64)
-    return tf.random.experimental.index_shuffle(
-        positions, order_seed(seed, epoch, process_index), tf.constant(n - 1, tf.int64)
-    ).numpy()
+    return _permutation(n, order_seed(seed, epoch, process_index)).numpy()
+
+
+def epoch_file_order(seed: int, epoch: int, num_files: int, process_index: int = 0) -> np.ndarray:
+    """Order in which a streamed shard's ``num_files`` files (``source.num_files``, canonical
+    order) are read in ``epoch``, before the shuffle buffer (for tests and inspection)."""
+    return _permutation(num_files, file_order_seed(seed, epoch, process_index)).numpy()
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -112,39 +138,55 @@ def _in_memory_examples(source, split, positions, start, seed, process_index, pr
 
 
 def _streaming_examples(
-    source, split, positions, start, seed, process_index, process_count, local_batch_size, shuffle_buffer
+    source,
+    split,
+    positions,
+    start,
+    seed,
+    process_index,
+    process_count,
+    local_batch_size,
+    shuffle_buffer,
+    image_size,
 ):
-    # Without an index filter the canonical order is not needed: read files in parallel.
-    shard = source.load(
-        split,
-        shard_index=process_index,
-        num_shards=process_count,
-        decode=False,
-        ordered=positions is not None,
-    )
     shard_indices = source.shard_bounds(split, process_index, process_count)
     n_local = len(shard_indices)
+    keep_t = None
     if positions is not None:
         keep = np.zeros(source.num_examples(split), bool)
         keep[positions] = True
         n_local = int(keep[shard_indices].sum())
         keep_t = tf.constant(keep)
-        shard = shard.filter(lambda ex: tf.gather(keep_t, ex["index"]))
     if n_local == 0:
         raise ValueError(
             f"Process {process_index} of {process_count} gets no examples of {source.name!r}/{split}."
         )
+    # Duck-typed sources without `num_files` (benchmarks/input_pipeline.py's JpegSource) are one file.
+    num_files = getattr(source, "num_files", lambda *_: 1)(split, process_index, process_count)
+    shard = None
+    if num_files == 1:
+        shard = source.load(split, shard_index=process_index, num_shards=process_count, decode=False)
     if shuffle_buffer is None:
-        # As the official input (50 local batches), at least 10k, never more than the shard.
-        shuffle_buffer = max(10_000, 50 * local_batch_size)
+        # As the official input (50 local batches for images of 32 px or less, else 10), at least
+        # 10k examples, never more than the shard.
+        batches = 50 if image_size <= 32 else 10
+        shuffle_buffer = max(10_000, batches * local_batch_size)
     shuffle_buffer = min(shuffle_buffer, n_local)
     first_epoch, first_skip = divmod(start, n_local)
 
     def epoch_examples(epoch):
+        ds = shard
+        if ds is None:
+            file_order = _permutation(num_files, file_order_seed(seed, epoch, process_index))
+            ds = source.load_files(
+                split, file_order, shard_index=process_index, num_shards=process_count, decode=False
+            )
+        if keep_t is not None:
+            ds = ds.filter(lambda ex: tf.gather(keep_t, ex["index"]))
         shuffle_seed = tf.random.stateless_uniform(
             [], seed=order_seed(seed, epoch, process_index), minval=0, maxval=2**62, dtype=tf.int64
         )
-        ds = shard.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
         skip = tf.where(epoch == first_epoch, tf.constant(first_skip, tf.int64), tf.constant(0, tf.int64))
         ds = ds.enumerate().skip(skip)
         return ds.map(
@@ -204,6 +246,7 @@ def train_dataset(
             process_count,
             local_batch_size,
             shuffle_buffer,
+            image_size,
         )
     channels = source.image_shape[-1]
 

@@ -8,7 +8,10 @@ Two kinds exist:
   * in memory (Fashion-MNIST from its IDX files, and small tfds data sets such as CIFAR-10): the
     whole split is a NumPy array, so a permutation is a cheap gather and resume is trivial;
   * streaming (large tfds data sets such as ImageNet): examples are read from the tfds files, and
-    images may stay JPEG-encoded until after shuffling (``decode=False`` + ``decode_image``).
+    images may stay JPEG-encoded until after shuffling (``decode=False`` + ``decode_image``). Besides
+    the canonical order, a streaming source can read a shard's files in any order the caller gives
+    (``num_files`` + ``load_files``), interleaved but with every ``index`` still canonical: the
+    training input reads them in a new order every epoch.
 
 Single-channel images are tiled to 3 channels, so that the same model, the same colour
 augmentations and the same published checkpoints apply to every data set (colour jitter and
@@ -40,6 +43,10 @@ _FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+# How ``load_files`` interleaves a shard's files: tfds's defaults, which the authors' input read the
+# ImageNet training files with (16 files open, 16 consecutive records from each in turn).
+INTERLEAVE_CYCLE_LENGTH = 16
+INTERLEAVE_BLOCK_LENGTH = 16
 # Data sets at most this big (examples and pixels per side) are loaded into memory.
 MAX_IN_MEMORY_EXAMPLES = 200_000
 MAX_IN_MEMORY_SIDE = 64
@@ -86,22 +93,33 @@ class DataSource:
         raise NotImplementedError
 
     def load(
-        self,
-        split: str,
-        *,
-        shard_index: int = 0,
-        num_shards: int = 1,
-        decode: bool = True,
-        ordered: bool = True,
+        self, split: str, *, shard_index: int = 0, num_shards: int = 1, decode: bool = True
     ) -> tf.data.Dataset:
         """The split (or one shard of it) in canonical order; see the module docstring.
 
         With ``decode=False`` the image may be left in a source-specific encoded form; pass it through
-        ``decode_image`` to get the uint8 ``[H, W, C]`` image. ``ordered=False`` lets a streaming
-        source read several files at once (faster, still deterministic, the same examples) at the
-        price of ``index`` no longer being the canonical position.
+        ``decode_image`` to get the uint8 ``[H, W, C]`` image.
         """
         raise NotImplementedError
+
+    def num_files(self, split: str, shard_index: int = 0, num_shards: int = 1) -> int:
+        """How many record files (or parts of files) one shard is stored in; ``load_files`` reads them
+        in a given order. A source not stored in files is one file: ``load`` reads it."""
+        return 1
+
+    def load_files(
+        self,
+        split: str,
+        file_order,
+        *,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        decode: bool = True,
+    ) -> tf.data.Dataset:
+        """The shard with its ``num_files`` files read in ``file_order`` (a permutation of
+        ``range(num_files)``, possibly a tensor); each example keeps its canonical ``index``."""
+        del file_order  # One file: there is only one order.
+        return self.load(split, shard_index=shard_index, num_shards=num_shards, decode=decode)
 
     def decode_image(self, image: tf.Tensor) -> tf.Tensor:
         return image
@@ -164,7 +182,7 @@ class InMemorySource(DataSource):
         _check_shard(shard_index, num_shards)
         return np.arange(shard_index, self.num_examples(split), num_shards, dtype=np.int64)
 
-    def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
+    def load(self, split, *, shard_index=0, num_shards=1, decode=True):
         from simclrv2_jax.data.tf_cpu import tf
 
         images, labels = self.arrays(split)
@@ -178,7 +196,9 @@ class TfdsSource(DataSource):
     """A prepared tensorflow-datasets data set read from its files (streaming).
 
     Shards are contiguous ranges ``[n*i//k, n*(i+1)//k)`` read with tfds absolute slicing, so each
-    process opens only its own part of the files.
+    process opens only its own part of the files. The canonical order is tfds's: the split's files
+    one after the other (``shuffle_files=False``, one file at a time). ``load_files`` reads a shard's
+    files (its ``FileInstruction``s: a file, or the part of one that the shard holds) in any order.
     """
 
     def __init__(self, builder, name: str | None = None):
@@ -208,27 +228,38 @@ class TfdsSource(DataSource):
         n = self.num_examples(split)
         return np.arange(n * shard_index // num_shards, n * (shard_index + 1) // num_shards, dtype=np.int64)
 
-    def _read(self, split, shard_index, num_shards, decoders, ordered=True):
-        import tensorflow_datasets as tfds
-
+    def _sliced(self, split, shard_index, num_shards) -> tuple[str, int]:
         bounds = self.shard_bounds(split, shard_index, num_shards)
         start = int(bounds[0]) if len(bounds) else 0
-        sliced = f"{split}[{start}:{start + len(bounds)}]"
+        return f"{split}[{start}:{start + len(bounds)}]", start
+
+    def _read(self, split, shard_index, num_shards, decoders):
+        import tensorflow_datasets as tfds
+
+        sliced, start = self._sliced(split, shard_index, num_shards)
         # tfds interleaves 16 files by default, which makes the order depend on how the split is
         # sliced; one file at a time keeps positions canonical, so shards agree with labels().
-        read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1 if ordered else 16)
+        read_config = tfds.ReadConfig(try_autocache=False, interleave_cycle_length=1)
         ds = self.builder.as_dataset(
             split=sliced, shuffle_files=False, decoders=decoders, read_config=read_config
         )
         return ds.enumerate(start=start)
 
-    def load(self, split, *, shard_index=0, num_shards=1, decode=True, ordered=True):
-        import tensorflow_datasets as tfds
+    def _file_instructions(self, split, shard_index, num_shards):
+        """The shard's tfds ``FileInstruction``s (path, skip, take) in canonical order, each with the
+        canonical index of its first example."""
+        if not len(self.shard_bounds(split, shard_index, num_shards)):
+            return []
+        sliced, start = self._sliced(split, shard_index, num_shards)
+        instructions = [f for f in self.builder.info.splits[sliced].file_instructions if f.take > 0]
+        firsts = start + np.cumsum([0] + [f.take for f in instructions[:-1]], dtype=np.int64)
+        return list(zip(instructions, firsts.tolist()))
 
+    def num_files(self, split, shard_index=0, num_shards=1):
+        return len(self._file_instructions(split, shard_index, num_shards))
+
+    def _convert(self, ds, decode):
         from simclrv2_jax.data.tf_cpu import tf
-
-        decoders = None if decode else {self.image_key: tfds.decode.SkipDecoding()}
-        ds = self._read(split, shard_index, num_shards, decoders, ordered)
 
         def convert(index, example):
             image = example[self.image_key]
@@ -242,6 +273,68 @@ class TfdsSource(DataSource):
 
         return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
+    def _decoders(self, decode):
+        import tensorflow_datasets as tfds
+
+        return None if decode else {self.image_key: tfds.decode.SkipDecoding()}
+
+    def load(self, split, *, shard_index=0, num_shards=1, decode=True):
+        return self._convert(self._read(split, shard_index, num_shards, self._decoders(decode)), decode)
+
+    def load_files(self, split, file_order, *, shard_index=0, num_shards=1, decode=True):
+        """The shard's files read in ``file_order``, ``INTERLEAVE_CYCLE_LENGTH`` at a time with
+        ``INTERLEAVE_BLOCK_LENGTH`` consecutive records from each in turn (deterministically: the
+        order depends on ``file_order`` alone). Records are read with the data set's tfds file
+        adapter and parsed with its features, as ``builder.as_dataset`` does; ``index`` is canonical.
+        """
+        from tensorflow_datasets.core import file_adapters
+
+        from simclrv2_jax.data.tf_cpu import tf
+
+        instructions = self._file_instructions(split, shard_index, num_shards)
+        if not instructions:
+            raise ValueError(f"Shard {shard_index} of {num_shards} of {self.name!r}/{split} is empty.")
+        file_format = file_adapters.FileFormat.from_value(
+            self.builder.info.file_format or file_adapters.DEFAULT_FILE_FORMAT
+        )
+        adapter = file_adapters.ADAPTER_FOR_FORMAT[file_format]
+        if not adapter.SUPPORTS_TF_DATA:
+            raise ValueError(
+                f"tfds data set {self.name!r} is stored as {file_format.value}, which tf.data cannot "
+                f"stream; rebuild it with `tfds build {self.builder.name} --file_format=tfrecord`."
+            )
+        order = tf.convert_to_tensor(file_order, tf.int64)
+        files = tf.data.Dataset.from_tensor_slices(
+            tuple(
+                tf.gather(tf.constant(column), order)
+                for column in (
+                    [os.fspath(f.filename) for f, _ in instructions],
+                    np.array([f.skip for f, _ in instructions], np.int64),
+                    np.array([f.take for f, _ in instructions], np.int64),
+                    np.array([first for _, first in instructions], np.int64),
+                )
+            )
+        )
+
+        def read_file(path, skip, take, first):
+            records = adapter.make_tf_data(path).skip(skip).take(take)
+            return tf.data.Dataset.zip((tf.data.Dataset.range(first, first + take), records))
+
+        ds = files.interleave(
+            read_file,
+            cycle_length=INTERLEAVE_CYCLE_LENGTH,
+            block_length=INTERLEAVE_BLOCK_LENGTH,
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        features, decoders = self.builder.info.features, self._decoders(decode)
+        ds = ds.map(
+            lambda index, record: (index, features.deserialize_example(record, decoders=decoders)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        return self._convert(ds, decode)
+
     def decode_image(self, image, already_decoded=False):
         from simclrv2_jax.data.tf_cpu import tf
 
@@ -252,10 +345,8 @@ class TfdsSource(DataSource):
         return image
 
     def labels(self, split):
-        import tensorflow_datasets as tfds
-
         # Skipping image decoding makes this a fast scan even for ImageNet.
-        ds = self._read(split, 0, 1, {self.image_key: tfds.decode.SkipDecoding()})
+        ds = self._read(split, 0, 1, self._decoders(decode=False))
         ds = ds.map(lambda _, ex: ex[self.label_key]).batch(65536)
         return np.concatenate([np.asarray(x, np.int64) for x in ds.as_numpy_iterator()])
 

@@ -46,7 +46,7 @@ class ProjectionHead(nn.Module):
     num_proj_layers: int = 3
     proj_out_dim: int = 128
     num_layers: int | None = None  # build only the first ``num_layers`` layers (fine-tuning)
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 

@@ -8,9 +8,12 @@ carry over:
   independent of the input size. Flax's ``'SAME'`` pads a strided conv depending on the input size,
   which shifts the sampling grid and breaks checkpoint compatibility, so it is used only at stride 1.
 * Batch norm uses decay 0.9 and epsilon 1e-5 and can start with ``gamma = 0`` (last BN of a residual
-  branch). Statistics are taken over the whole (global) batch; with ``num_groups > 1`` they are taken
-  per group of consecutive rows instead, which, with the batch sharded over the ``data`` mesh axis,
-  is exactly per-device batch norm (``global_bn=False``) without leaving ``jit``.
+  branch). With ``num_groups = 0`` statistics are taken over the whole (global) batch, as TF1's
+  cross-replica BN (``global_bn``). With ``num_groups = k >= 1`` they are taken per group of
+  consecutive rows, which, with the batch sharded over ``k`` devices of the ``data`` mesh axis, is
+  exactly per-device batch norm (``global_bn=False``) without leaving ``jit``; as TF1's fused BN,
+  the moving variance then averages the *unbiased* batch variance (``n / (n - 1)``, ``n`` the values
+  per channel in a group), while the activations are normalised with the biased one.
 """
 
 from __future__ import annotations
@@ -64,12 +67,13 @@ class Conv(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """Batch norm over all axes but the last, in float32, with optional per-group statistics.
+    """Batch norm over all axes but the last, in float32, global or per group (see the module docstring).
 
     ``use_bias`` is the BN beta ("center"); the projection head's last layer has none.
     ``zero_init`` starts gamma at 0 so a residual branch begins as the identity.
-    ``num_groups`` > 1 normalises each of that many equal slices of the batch with its own
-    statistics (per-device BN when the batch is sharded over that many devices).
+    ``num_groups``: 0 = statistics of the whole batch (global BN, biased moving variance); k >= 1 =
+    each of k equal slices of the batch with its own statistics (per-device BN; the moving
+    statistics average the groups' means and unbiased variances).
     """
 
     use_bias: bool = True
@@ -77,7 +81,7 @@ class BatchNorm(nn.Module):
     zero_init: bool = False
     momentum: float = BATCH_NORM_DECAY
     epsilon: float = BATCH_NORM_EPSILON
-    num_groups: int = 1
+    num_groups: int = 0
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -87,7 +91,14 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
         xf = x.astype(jnp.float32)
         if train:
-            groups = self.num_groups if x.shape[0] % max(self.num_groups, 1) == 0 else 1
+            groups = max(self.num_groups, 1)
+            if x.shape[0] % groups:
+                if not self.is_initializing():
+                    raise ValueError(
+                        f"A batch of {x.shape[0]} rows cannot be split into {groups} batch-norm groups "
+                        "(one per device with global_bn=False)."
+                    )
+                groups = 1
             xg = xf.reshape((groups, x.shape[0] // groups) + x.shape[1:])
             axes = tuple(range(1, xg.ndim - 1))
             mean = jnp.mean(xg, axis=axes, keepdims=True)
@@ -97,6 +108,9 @@ class BatchNorm(nn.Module):
             if not self.is_initializing():
                 batch_mean = jnp.mean(mean.reshape(groups, features), axis=0)
                 batch_var = jnp.mean(var.reshape(groups, features), axis=0)
+                if self.num_groups >= 1:
+                    n = xg[0].size // features  # values per channel in one group
+                    batch_var = batch_var * (n / max(n - 1, 1))
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * batch_mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * batch_var
         else:
@@ -115,7 +129,7 @@ class BNReLU(nn.Module):
     relu: bool = True
     zero_init: bool = False
     use_bias: bool = True
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -143,7 +157,7 @@ class SKConv(nn.Module):
     strides: int
     sk_ratio: float
     min_dim: int = 32
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -194,7 +208,7 @@ def dense_bn_layer(
     use_bn: bool,
     use_bias: bool,
     name: str,
-    num_groups: int = 1,
+    num_groups: int = 0,
     momentum: float = BATCH_NORM_DECAY,
     dtype: Any = jnp.float32,
 ) -> Callable[..., jax.Array]:
@@ -214,7 +228,7 @@ class _DenseBN(nn.Module):
     features: int | None
     use_bn: bool
     use_bias: bool
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 

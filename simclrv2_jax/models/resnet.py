@@ -76,7 +76,7 @@ class Shortcut(nn.Module):
     features: int
     strides: int
     resnet_d: bool
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -106,7 +106,7 @@ class ResidualBlock(nn.Module):
     use_projection: bool
     sk_ratio: float = 0.0
     se_ratio: float = 0.0
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -166,7 +166,7 @@ class Stem(nn.Module):
     width_multiplier: float
     sk_ratio: float = 0.0
     cifar_stem: bool = False
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -202,7 +202,7 @@ class ResNet(nn.Module):
     cifar_stem: bool = False
     block_counts: tuple[int, ...] | None = None  # None or (): the standard counts of ``depth``
     fine_tune_after_block: int = -1
-    num_groups: int = 1
+    num_groups: int = 0
     momentum: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 

@@ -5,7 +5,8 @@ so a stage's checkpoint restores into the next stage by name:
 
 * ``pretrain``: the full projection head gives ``z = hiddens[-1]`` for the contrastive loss; with
   ``lineareval_while_pretraining`` the supervised head is trained at the same time on
-  ``stop_gradient(h)``, so no label information reaches the representation.
+  ``stop_gradient(hiddens[ft_proj_selector])`` (``h`` at the default 0), as the TF2 release does, so
+  no label information reaches the representation.
 * ``finetune``: only the projection-head layers up to ``ft_proj_selector`` are built; the supervised
   head reads ``hiddens[ft_proj_selector]`` (0 = backbone output, 1 = after the first head layer, the
   SimCLRv2 choice, -1 = the last layer). Distillation students use this mode too.
@@ -49,7 +50,7 @@ class SimCLRModel(nn.Module):
     lineareval_while_pretraining: bool = True
     zero_init_logits_layer: bool = False
     fine_tune_after_block: int = -1
-    num_bn_groups: int = 1
+    num_bn_groups: int = 0  # 0: global BN; k: per-device BN over k devices
     batch_norm_decay: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
 
@@ -72,12 +73,9 @@ class SimCLRModel(nn.Module):
         )(images, train)
         outputs = dict(outputs)
         outputs["proj_head_input"] = h
-        selected = 0  # index of the hiddens the supervised head reads (pretraining reads h directly)
-        if self.head_mode != "pretrain":
-            selected = kept_head_layers(self.proj_head_mode, self.num_proj_layers, self.ft_proj_selector)
+        # Index of the hiddens the supervised head reads (0 = h).
+        selected = kept_head_layers(self.proj_head_mode, self.num_proj_layers, self.ft_proj_selector)
         num_layers = selected if self.head_mode == "finetune" else None
-        # With every backbone part frozen, the projection head is what fine-tuning trains first; the
-        # release keeps it trainable, and so do we.
         hiddens = ProjectionHead(
             proj_head_mode=self.proj_head_mode,
             num_proj_layers=self.num_proj_layers,
@@ -95,7 +93,8 @@ class SimCLRModel(nn.Module):
         if self.head_mode == "pretrain":
             outputs["proj_head_output"] = hiddens[-1]
             if self.lineareval_while_pretraining:
-                outputs["logits_sup"] = supervised(jax.lax.stop_gradient(h))
+                # The TF2 release (TF1 has no linear evaluation while pretraining): hiddens[selector].
+                outputs["logits_sup"] = supervised(jax.lax.stop_gradient(hiddens[selected]))
         elif self.head_mode == "finetune":
             feature = hiddens[-1]  # == hiddens[ft_proj_selector]: later layers were not built
             outputs["proj_head_output"] = feature

@@ -26,7 +26,7 @@ def build_model(
     """The model a config describes (its ``ARCH_FIELDS`` and the stage's head settings)."""
     arch = {k: config[k] for k in ARCH_FIELDS if k in config}
     arch["block_counts"] = tuple(arch.get("block_counts") or ()) or None
-    num_groups = 1 if config.global_bn else int(mesh.devices.size)
+    num_groups = 0 if config.global_bn else int(mesh.devices.size)
     kwargs = dict(
         **arch,
         cifar_stem=config.image_size <= 32,

@@ -84,19 +84,23 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         what="teacher checkpoint",
     )
     alpha = config.alpha
+    groups = 0 if config.global_bn else int(mesh.devices.size)
 
     def model_inputs(batch: dict, teacher_vars: dict) -> tuple[jax.Array, dict]:
         x = batch["image"]
         t_logits = jax.lax.stop_gradient(teacher.apply(teacher_vars, x, train=False)["logits_sup"])
         batch = {**batch, "teacher_logits": t_logits}
         if alpha > 0:
-            x = jnp.concatenate([x, batch["labeled_image"]], axis=0)
+            # Per-device BN: a device's unlabeled and labeled images form one BN group.
+            x = parallel.group_major([x, batch["labeled_image"]], groups)
         return x, batch
 
     def loss_fn(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict]:
         t_logits = batch["teacher_logits"]
         n = t_logits.shape[0]
         s_logits = outputs["logits_sup"]
+        if alpha > 0:
+            s_logits = parallel.part_major(s_logits, 2, groups)
         distill = losses.distillation_loss(
             s_logits[:n], t_logits, temperature=config.temperature, mask=batch["mask"]
         )

@@ -4,9 +4,13 @@ The model is built in ``finetune`` mode, so only the projection-head layers up t
 ``ft_proj_selector`` exist; ``initialize`` copies the backbone and those layers (weights and BN
 statistics) from the pretraining checkpoint by name and leaves the new supervised head as
 initialised (``zero_init_logits_layer`` zeroes it; ``init_head_from_checkpoint`` takes the
-pretrained linear-eval head instead, which fits when ``ft_proj_selector = 0``). Everything is trained
-unless ``fine_tune_after_block`` freezes the backbone up to that block: the model stops gradients and
-runs those BNs in inference mode, and the optimiser's updates for those parameters are zeroed.
+pretrained linear-eval head instead, which fits when ``ft_proj_selector = 0``).
+
+What trains: the supervised head, the backbone after ``fine_tune_after_block`` (the frozen blocks get
+a stop-gradient, BN in inference mode and zeroed updates) and, with ``train_proj_head_in_finetune``,
+the kept projection-head layers. Without it (the TF1 release, whose fine-tuning trains only the
+backbone blocks and the supervised head) their weights stay as pretrained while their BN still runs
+in training mode and updates its moving statistics; the gradient still flows through them.
 
 With ``checkpoint = ''`` the same stage trains from random initialisation: the supervised-only
 baseline on the same labels.
@@ -42,8 +46,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     train_source, split, indices, num_labeled = inputs.labeled_data(config, source)
     model = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
     trainable = None
-    if config.fine_tune_after_block >= 0:
-        trainable = optim.trainable_mask(config.fine_tune_after_block)
+    train_proj_head = config.get("train_proj_head_in_finetune", True)
+    if config.fine_tune_after_block >= 0 or not train_proj_head:
+        trainable = optim.trainable_mask(config.fine_tune_after_block, train_proj_head=train_proj_head)
     initialize = None
     if config.checkpoint:
         initialize = checkpoints.initialize_from(

@@ -2,19 +2,21 @@
 
 The step sees the global batch of two views per image, ``[B, 2, H, W, C]``, and runs the model once
 on the ``2B`` views (view A rows first, as NT-Xent expects). Batch norm statistics are those of the
-whole global batch (``global_bn``) since the step is one jit over global arrays. With
-``lineareval_while_pretraining`` the supervised head learns on ``stop_gradient(h)`` of both views
-with the labels repeated, as in the release; its loss is added but cannot reach the encoder.
+whole global batch (``global_bn``) since the step is one jit over global arrays; with per-device BN
+(``global_bn=False``) the rows are laid out device by device, each device's images with both their
+views, so that a BN group is what one replica of the release normalises together. With
+``lineareval_while_pretraining`` the supervised head learns on
+``stop_gradient(hiddens[ft_proj_selector])`` of both views with the labels repeated, as in the TF2
+release; its loss is added but cannot reach the encoder.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simclrv2_jax import losses
+from simclrv2_jax import losses, parallel
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.parallel import DATA_AXIS
 from simclrv2_jax.train import components, inputs
@@ -29,15 +31,19 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     model = components.build_model(config, head_mode="pretrain", num_classes=classes, mesh=mesh)
     lineareval = config.lineareval_while_pretraining
 
+    # Per-device BN: each device's rows hold both views of its images (one BN group), as in the
+    # release; the loss gets the views back one after the other.
+    groups = 0 if config.global_bn else int(mesh.devices.size)
+
     def model_inputs(batch: dict) -> tuple[jax.Array, dict]:
         views = batch["image"]
-        images = jnp.concatenate([views[:, 0], views[:, 1]], axis=0)
-        labels = jnp.concatenate([batch["label"], batch["label"]], axis=0)
+        images = parallel.group_major([views[:, 0], views[:, 1]], groups)
+        labels = parallel.group_major([batch["label"], batch["label"]], groups)
         return images, {**batch, "label": labels}
 
     def loss_fn(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict]:
         contrast_loss, aux = losses.nt_xent_loss(
-            outputs["proj_head_output"],
+            parallel.part_major(outputs["proj_head_output"], 2, groups),
             temperature=config.temperature,
             hidden_norm=config.hidden_norm,
             mesh_axis=DATA_AXIS,
