@@ -3,7 +3,7 @@
     python -m benchmarks.finetune_head                      # from the default job's pretraining
     python -m benchmarks.finetune_head --seeds=0,1,2,3,4
 
-Fine-tunes the same pretraining checkpoint with the ``finetune.py:fashion_mnist,1pct`` preset (the
+Fine-tunes the same pretraining checkpoint with the ``finetune.py:fashion_mnist`` preset (the
 default job's fine-tuning) once per seed with ``train_proj_head_in_finetune`` False and True, the
 rest identical, and writes the test top-1 of every run, their mean and standard deviation to
 ``benchmarks/results/finetune_head.json``. This is how the Fashion-MNIST preset's value was chosen.
@@ -33,7 +33,7 @@ def run_one(pretrain: str, workdir: str, train_head: bool, seed: int) -> dict:
             results = json.load(f)
         if results.get("completed"):
             return results
-    config = get_config("finetune", "fashion_mnist,1pct")
+    config = get_config("finetune", "fashion_mnist")
     config.checkpoint = pretrain
     config.train_proj_head_in_finetune = train_head
     config.seed = seed
@@ -70,7 +70,7 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "pretrain_checkpoint": args.pretrain,
-        "preset": "finetune.py:fashion_mnist,1pct",
+        "preset": "finetune.py:fashion_mnist",
         "settings": {},
     }
     for train_head in (False, True):

@@ -35,6 +35,18 @@ def test_release_presets_keep_the_projection_layers_fixed(presets):
     assert get_config("finetune", presets).train_proj_head_in_finetune is False
 
 
+def test_fashion_mnist_preset_takes_the_measured_choice():
+    """benchmarks/results/finetune_head.json: the trained head won on every seed (mean of 3)."""
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "finetune_head.json")
+    with open(path) as f:
+        settings = json.load(f)["settings"]
+    means = {name.endswith("True"): s["mean_top1"] for name, s in settings.items()}
+    assert get_config("finetune", "fashion_mnist").train_proj_head_in_finetune is (means[True] > means[False])
+
+
 def test_linear_eval_preset_is_the_release_command():
     """The release README's linear evaluation: --train_mode=finetune --fine_tune_after_block=4
     --zero_init_logits_layer=True --global_bn=False --optimizer=momentum --learning_rate=0.1
