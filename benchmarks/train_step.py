@@ -2,10 +2,15 @@
 
     python -m benchmarks.train_step --preset=fashion_mnist --batch=256 --steps=10
     python -m benchmarks.train_step --preset=imagenet,r50_1x_sk0 --batch=256 --dtype=bfloat16
+    python -m benchmarks.train_step --preset=imagenet,r50_1x_sk0 --batch=256 --dtype=bfloat16 \
+        --torch_peer=eager,compile        # the PyTorch peer in the same call, on the same GPU
 
 Writes ``benchmarks/results/train_step_<stage>_<preset>.json`` with compile time, seconds per step
-(median of ``--steps``), images/s (counting both views in pretraining) and the machine. Run it with
-``SIMCLR_FAST_CPU_CONV=0`` to measure XLA's own convolution path on the CPU for comparison.
+(median of ``--steps``), images/s (counting both views in pretraining), the model FLOPs of one step
+(XLA's cost analysis of the compiled step) and MFU against the device's dense peak where it is known,
+the PyTorch peer's figures when asked, and the machine. Run it with
+``SIMCLR_FAST_CPU_CONV=0`` to measure XLA's own convolution path on the CPU for comparison
+(``benchmarks/cpu_conv_modes.py`` runs every path, natively and with AVX2 emulated).
 
 When the stage augments on the device (the default on accelerators and for in-memory data), the
 batch is raw uint8 images and the augmentation is part of the timed step. ``--no_guard`` replaces
@@ -25,6 +30,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks.input_pipeline import cpu_info
 from simclrv2_jax import fields, parallel
 from simclrv2_jax.data.sources import InMemorySource
 from simclrv2_jax.train import STAGE_MODULES
@@ -44,6 +50,74 @@ def synthetic_source(config, num_classes: int = 10) -> InMemorySource:
     )
 
 
+DEFAULT_PEER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench", "torch_peer.py")
+
+# Dense peak FLOP/s per device for MFU, by device kind (substring) and compute dtype.
+PEAK_TFLOPS = {
+    ("H100", "bfloat16"): 989.4,
+    ("H200", "bfloat16"): 989.4,
+    ("A100", "bfloat16"): 312.0,
+    ("H100", "float32"): 66.9,  # without TF32
+    ("H200", "float32"): 66.9,
+    ("A100", "float32"): 19.5,
+    ("TPU v4", "bfloat16"): 275.0,
+    ("TPU v5p", "bfloat16"): 459.0,
+    ("TPU v5 lite", "bfloat16"): 197.0,
+}
+
+
+def step_flops(step, state, batch, extra) -> float | None:
+    """Model FLOPs of one compiled step, from XLA's cost analysis (None where it gives none)."""
+    try:
+        analysis = step.lower(state, batch, *extra).compile().cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(analysis, list):
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops else None
+
+
+def mfu(flops: float | None, step_s: float, dtype: str, peak_tflops: float) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the device's dense peak (known devices only)."""
+    if not flops:
+        return None
+    if not peak_tflops:
+        kind = jax.devices()[0].device_kind
+        peak_tflops = next((v for (k, d), v in PEAK_TFLOPS.items() if k in kind and d == dtype), 0.0)
+    if not peak_tflops:
+        return None
+    return flops / step_s / (peak_tflops * 1e12 * jax.device_count())
+
+
+def run_torch_peer(script: str, batch: int, kinds: list[str]) -> dict:
+    """The PyTorch peer's SimCLR step on this machine, eager and/or compiled, as it reports itself."""
+    import subprocess
+    import sys
+
+    results = {}
+    for kind in kinds:
+        proc = subprocess.run(
+            [sys.executable, script, str(batch), "1" if kind == "compile" else "0"],
+            capture_output=True,
+            text=True,
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            results[kind] = {"error": (proc.stderr or proc.stdout)[-1500:]}
+        else:
+            results[kind] = json.loads(lines[-1])
+    return results
+
+
+def _conv_mode() -> str:
+    if jax.default_backend() != "cpu":
+        return "not the CPU"
+    from simclrv2_jax.models import conv
+
+    return conv.cpu_conv_mode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"])
@@ -53,6 +127,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no_guard", action="store_true", help="time the step without the guard")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--torch_peer",
+        default="",
+        help="also run the PyTorch peer step (../shared/bench/torch_peer.py) in this call: "
+        "'eager', 'compile' or 'eager,compile' (needs PyTorch with CUDA)",
+    )
+    parser.add_argument("--torch_peer_script", default=DEFAULT_PEER)
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="peak for MFU; 0: known devices")
     args = parser.parse_args()
     if args.no_guard:
         from simclrv2_jax.train import step as step_module
@@ -97,6 +179,7 @@ def main() -> None:
         out_shardings=(rep, rep),
         donate_argnums=(0,),
     )
+    flops = step_flops(step, state, batch, task.extra)
     t0 = time.perf_counter()
     state, metrics = step(state, batch, *task.extra)
     jax.block_until_ready(metrics)
@@ -115,21 +198,31 @@ def main() -> None:
         "dtype": args.dtype,
         "model": {k: config[k] for k in fields.ARCH_FIELDS},
         "image_size": config.image_size,
-        "fast_cpu_conv": os.environ.get("SIMCLR_FAST_CPU_CONV", "1") != "0",
+        "cpu_conv_mode": _conv_mode(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "augment_on_device": task.augment_on_device,
         "finite_state_guard": not args.no_guard,
         "compile_and_first_step_s": compile_s,
         "step_s_median": per_step,
         "step_s_min": min(times),
         "images_per_s": args.batch * views / per_step,
+        "model_flops_per_step": flops,
+        "model_tflops_per_s": flops / per_step / 1e12 if flops else None,
+        "mfu": mfu(flops, per_step, args.dtype, args.peak_tflops),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
-        "cpu_count": os.cpu_count(),
+        "cpu": cpu_info(),
         "jax": jax.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if args.torch_peer:
+        result["torch_peer"] = run_torch_peer(args.torch_peer_script, args.batch, args.torch_peer.split(","))
+        ours = result["images_per_s"]
+        for peer in result["torch_peer"].values():
+            if "views_per_s" in peer:
+                peer["ratio_ours_to_peer"] = ours / peer["views_per_s"]
     print(json.dumps(result, indent=2))
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results", f"train_step_{args.stage}_{args.preset.replace(',', '_')}.json"

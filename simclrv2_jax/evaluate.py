@@ -364,7 +364,13 @@ def evaluate_run(
         path = directory / str(at)
         saved = checkpoints.read_config(os.fspath(path))
         config = evaluation_config(saved, overrides)
-        key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+        # Checkpoints of one run differ at most in fields that do not change the evaluation (an
+        # accepted resume change of the learning rate, say): one evaluator serves them all.
+        from simclrv2_jax import fields
+
+        ignored = set(fields.RESUME_FREE_FIELDS + fields.RESUME_OPTIMISATION_FIELDS) - set(EVAL_FIELDS)
+        relevant = {k: v for k, v in config.to_dict().items() if k not in ignored}
+        key = json.dumps(relevant, sort_keys=True, default=str)
         if key not in evaluators:
             evaluators.clear()  # one model at a time (a run's checkpoints share one config)
             evaluators[key] = Evaluator(config, mesh)

@@ -117,6 +117,8 @@ def test_dispatch_follows_backend_and_env_var(monkeypatch):
     wide_strided = (3, 2, "SAME", (9, 9), 1, 128, 128)
     monkeypatch.delenv(conv_lib.ENV_VAR, raising=False)
     assert jax.default_backend() == "cpu" and conv_lib.fast_cpu_conv_enabled()
+    assert conv_lib.cpu_conv_mode() == "measure"  # the default: see test_conv_autotune.py
+    monkeypatch.setenv(conv_lib.ENV_VAR, "heuristic")  # the fixed rules
     assert conv_lib.cpu_plan((1, 7, 7, 8), (1, 1, 8, 4), (1, 1), "SAME") == ("matmul",) * 3
     assert conv_lib.cpu_plan((1, 9, 9, 8), (3, 3, 8, 8), (1, 1), "SAME") == ("xla",) * 3
     assert conv_lib.cpu_plan((1, 9, 9, 128), (3, 3, 128, 128), (2, 2), "SAME")[2] == "taps"

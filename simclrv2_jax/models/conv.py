@@ -17,17 +17,21 @@ measures them on the machine at hand, per layer shape, XLA against the alternati
   into its s*s stride-phase sub-kernels turns dx into one dense stride-1 conv with s*s*Cin output
   channels plus a depth-to-space reshape ("subpixel"), faster for few input channels on large
   images; elsewhere XLA's dx is already fast, and wins.
-* Machines differ (AVX-512 against AVX2 only, for one): ``SIMCLR_FAST_CPU_CONV=taps`` forces taps
-  for every kxk dw, for CPUs where XLA's is always slow; ``=0`` keeps XLA everywhere.
+* Machines differ (AVX-512 against AVX2 only, for one), so which of these wins is measured on the
+  machine itself: the first time a layer shape is differentiated, its candidates are timed and the
+  fastest kept, stored on disk per machine (``conv_autotune.py``: the cache, the time bound, and
+  ``SIMCLR_FAST_CPU_CONV``: ``0`` = XLA only, ``taps``, ``heuristic`` = the fixed rules of
+  ``cpu_plan`` below, unset = measured).
 
-How. `conv2d` decides at trace time (`cpu_plan`, from the layer's static shapes): 1x1 -> matmul;
-otherwise XLA's forward conv, wrapped in a `jax.custom_vjp` whose backward uses "subpixel" and/or
-"taps" where they measured faster, XLA's own gradients elsewhere. On GPU/TPU, with
-`SIMCLR_FAST_CPU_CONV=0`, for grouped convs, non-float dtypes or negative padding it is exactly
-`lax.conv_general_dilated`. bf16 accumulates in f32 and returns the input dtype. Supports `jit`,
-`grad` (grad of grad too) and `jax.checkpoint`; forward-mode AD (`jvp`, `jacfwd`) is not defined
-for layers that take the custom VJP: set the variable to 0 for that. The variable is read when a
-function is traced, so set it before the first `jit` call.
+How. `conv2d` decides at trace time, from the layer's static shapes: a 1x1 conv is a matmul or
+XLA's conv, as measured (or as `cpu_plan` rules); a kxk conv is XLA's forward conv in a
+`jax.custom_vjp` whose backward takes "subpixel" and/or "taps" where they measured faster, XLA's
+own gradients elsewhere (chosen when the backward is traced, so evaluation measures nothing). On
+GPU/TPU, with `SIMCLR_FAST_CPU_CONV=0`, for grouped convs, non-float dtypes or negative padding it
+is exactly `lax.conv_general_dilated`. bf16 accumulates in f32 and returns the input dtype. Supports
+`jit`, `grad` (grad of grad too) and `jax.checkpoint`; forward-mode AD (`jvp`, `jacfwd`) is not
+defined for layers that take the custom VJP: set the variable to 0 for that. The variable is read
+when a function is traced, so set it before the first `jit` call.
 """
 
 from __future__ import annotations
@@ -62,13 +66,26 @@ def xla_conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_
     )
 
 
-def fast_cpu_conv_enabled() -> bool:
-    """Whether `conv2d` takes the CPU paths (decided when a function is traced).
+def cpu_conv_mode() -> str:
+    """How `conv2d` picks its CPU paths, from `SIMCLR_FAST_CPU_CONV` (read when a function is traced).
 
-    `SIMCLR_FAST_CPU_CONV=0` turns them off; `=taps` also computes the weight gradient of every
-    kxk conv with tap matmuls, for CPUs where XLA's own weight gradient is the slow part.
+    ``measure`` (unset or ``1``): by measurement on this machine (``conv_autotune``); ``heuristic``:
+    the fixed rules of `cpu_plan`; ``taps``: the rules, and taps for every kxk weight gradient (for
+    CPUs where XLA's own is always slow); ``xla`` (``0``): XLA's own convolution everywhere.
     """
-    return jax.default_backend() == "cpu" and os.environ.get(ENV_VAR, "1") != "0"
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    modes = {"1": "measure", "": "measure", "measure": "measure", "heuristic": "heuristic", "taps": "taps"}
+    modes.update({"0": "xla", "xla": "xla"})
+    if value not in modes:
+        raise ValueError(
+            f"{ENV_VAR}={value!r} is not one of 1 (measure, the default), heuristic, taps, 0 (XLA only)."
+        )
+    return modes[value]
+
+
+def fast_cpu_conv_enabled() -> bool:
+    """Whether `conv2d` takes the CPU paths (on the CPU backend, unless `SIMCLR_FAST_CPU_CONV=0`)."""
+    return jax.default_backend() == "cpu" and cpu_conv_mode() != "xla"
 
 
 def conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_group_count=1):
@@ -79,12 +96,89 @@ def conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_grou
         )
     strides = _pair(strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
+    static = all(isinstance(d, int) for d in (*x.shape, *kernel.shape))  # not symbolic (jax2tf)
+    if cpu_conv_mode() == "measure" and static and min(p for pair in pads for p in pair) >= 0:
+        if tuple(kernel.shape[:2]) == (1, 1):
+            if measured_choice(x, kernel, strides, pads)["conv"] == "matmul":
+                return conv1x1_as_matmul(x, kernel, strides=strides, padding=pads)
+            return xla_conv2d(x, kernel, strides=strides, padding=pads)
+        # The backward methods are chosen when (and only if) the layer is differentiated.
+        return _conv_custom_vjp(x, kernel, strides, pads, "measure", "measure")
     forward, dx_method, dw_method = cpu_plan(x.shape, kernel.shape, strides, pads)
     if forward == "matmul":
         return conv1x1_as_matmul(x, kernel, strides=strides, padding=pads)
     return conv2d_with_backward(
         x, kernel, strides=strides, padding=pads, dx_method=dx_method, dw_method=dw_method
     )
+
+
+def measured_layer(x, kernel, strides, pads):
+    """The `conv_autotune.Layer` of a conv: its batch divided by the device count when it splits
+    (a sharded step gives each device that share of the work)."""
+    from simclrv2_jax.models.conv_autotune import Layer
+
+    n = x.shape[0]
+    devices = jax.device_count()
+    if devices > 1 and n % devices == 0:
+        n //= devices
+    return Layer(
+        x_shape=(n, *map(int, x.shape[1:])),
+        kernel_shape=tuple(map(int, kernel.shape)),
+        strides=tuple(strides),
+        pads=tuple(tuple(p) for p in pads),
+        dtype=str(jnp.result_type(x, kernel)),
+    )
+
+
+def measured_choice(x, kernel, strides, pads) -> dict[str, str]:
+    """``{direction: method}`` for this layer, measured on this machine (or recalled)."""
+    from simclrv2_jax.models import conv_autotune
+
+    layer = measured_layer(x, kernel, strides, pads)
+    return conv_autotune.tuner(_measure, _rules).choose(layer)
+
+
+def _rules(layer) -> dict[str, str]:
+    """The fixed rules (`cpu_plan`) for a layer, as the autotuner stores choices."""
+    forward, dx, dw = cpu_plan(layer.x_shape, layer.kernel_shape, layer.strides, layer.pads)
+    if forward == "matmul":
+        return {"conv": "matmul"}
+    return {"dx": dx, "dw": dw}
+
+
+def _measure(layer, direction: str, method: str) -> float:
+    """Seconds of one candidate for ``layer`` on concrete random data (outside any trace)."""
+    from simclrv2_jax.models import conv_autotune
+
+    def run() -> float:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        dtype = jnp.dtype(layer.dtype)
+        kh, kw, cin, _ = layer.kernel_shape
+        x = jnp.asarray(rng.standard_normal(layer.x_shape), dtype)
+        kernel = jnp.asarray(rng.standard_normal(layer.kernel_shape) / np.sqrt(kh * kw * cin), dtype)
+        strides, pads = layer.strides, layer.pads
+
+        def xla(x_, k_):
+            return xla_conv2d(x_, k_, strides=strides, padding=pads)
+
+        g = jnp.asarray(rng.standard_normal(jax.eval_shape(xla, x, kernel).shape), dtype)
+        if direction == "conv":
+            conv = xla if method == "xla" else partial(conv1x1_as_matmul, strides=strides, padding=pads)
+            fn = jax.jit(lambda x_, k_, g_: jax.vjp(conv, x_, k_)[1](g_))  # forward and both gradients
+        elif direction == "dx":
+            if method == "xla":
+                fn = jax.jit(lambda x_, k_, g_: jax.vjp(lambda a: xla(a, k_), x_)[1](g_)[0])
+            else:
+                fn = jax.jit(lambda x_, k_, g_: _input_grad_subpixel(g_, k_, x_.shape, strides, pads))
+        elif method == "xla":
+            fn = jax.jit(lambda x_, k_, g_: jax.vjp(lambda b: xla(x_, b), k_)[1](g_)[0])
+        else:
+            fn = jax.jit(lambda x_, k_, g_: _weight_grad_taps(x_, g_, k_.shape, strides, pads))
+        return conv_autotune.time_call(lambda: fn(x, kernel, g), jax.block_until_ready)
+
+    return conv_autotune.run_outside_trace(run)
 
 
 def cpu_plan(x_shape, kernel_shape, strides, padding: Padding) -> tuple[str, str, str]:
@@ -195,6 +289,9 @@ def _conv_fwd(x, kernel, strides, pads, dx_method, dw_method):
 
 def _conv_bwd(strides, pads, dx_method, dw_method, residuals, g):
     x, kernel = residuals
+    if "measure" in (dx_method, dw_method):
+        choice = measured_choice(x, kernel, strides, pads)
+        dx_method, dw_method = choice["dx"], choice["dw"]
     if dx_method == "xla":
         dx = jax.vjp(lambda x_: xla_conv2d(x_, kernel, strides=strides, padding=pads), x)[1](g)[0]
     else:
