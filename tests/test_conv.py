@@ -1,6 +1,7 @@
 """conv2d: values and gradients equal XLA's convolution for every backward method."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -105,6 +106,46 @@ def test_weight_gradient_matches_numpy_loops():
     )
     _, pullback = jax.vjp(conv, jnp.asarray(kernel))
     np.testing.assert_allclose(pullback(jnp.asarray(g))[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def _loop_bodies(hlo: str) -> list[str]:
+    """The text of every computation that is the body or condition of a while loop in ``hlo``."""
+    names = set(re.findall(r"(?:body|condition)=%?([\w.\-]+)", hlo))
+    computations = re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo, re.M | re.S)
+    return [m.group(2) for m in computations if m.group(1) in names]
+
+
+def test_taps_weight_gradient_over_sharded_batch_has_no_collective_in_its_loop():
+    """With the batch split over 8 devices, the taps weight gradient equals the NumPy sum over the
+    whole batch, and the only cross-device sum is outside the loop over taps: a collective inside a
+    loop is not ordered against the step's other collectives by XLA's CPU runtime, and devices that
+    start them in different orders deadlock (a rendezvous abort)."""
+    assert jax.device_count() == 8, "conftest sets 8 virtual CPU devices"
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 6, 6, 3)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 5)).astype(np.float32)
+    g = rng.normal(size=(16, 6, 6, 5)).astype(np.float32)
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    expected = np.zeros_like(kernel)
+    for i, j in itertools.product(range(3), range(3)):
+        expected[i, j] = np.einsum("nhwc,nhwo->co", xp[:, i : i + 6, j : j + 6, :], g)
+
+    def weight_grad(x_, k_, g_):
+        conv = lambda k2: conv_lib.conv2d_with_backward(x_, k2, padding="SAME", dw_method="taps")
+        return jax.vjp(conv, k_)[1](g_)[0]
+
+    fn = jax.jit(weight_grad, in_shardings=(batch, rep, batch), out_shardings=rep)
+    args = (jax.device_put(x, batch), jax.device_put(kernel, rep), jax.device_put(g, batch))
+    np.testing.assert_allclose(fn(*args), expected, rtol=1e-4, atol=1e-4)
+    hlo = fn.lower(*args).compile().as_text()
+    bodies = _loop_bodies(hlo)
+    assert bodies, "the taps are a loop"
+    collectives = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    assert not [b for b in bodies if any(c in b for c in collectives)]
+    assert "all-reduce" in hlo  # the batch sum across devices, once, after the loop
 
 
 def test_dispatch_follows_backend_and_env_var(monkeypatch):

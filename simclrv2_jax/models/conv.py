@@ -117,10 +117,7 @@ def measured_layer(x, kernel, strides, pads):
     (a sharded step gives each device that share of the work)."""
     from simclrv2_jax.models.conv_autotune import Layer
 
-    n = x.shape[0]
-    devices = jax.device_count()
-    if devices > 1 and n % devices == 0:
-        n //= devices
+    n = x.shape[0] // batch_groups(x.shape[0])
     return Layer(
         x_shape=(n, *map(int, x.shape[1:])),
         kernel_shape=tuple(map(int, kernel.shape)),
@@ -311,17 +308,33 @@ def _accumulation_dtype(*arrays):
     return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
 
 
+def batch_groups(n: int) -> int:
+    """How many independent slices the batch of a sharded step holds: one per device when the
+    batch splits evenly over them (each device's examples are then one slice), else 1."""
+    devices = jax.device_count()
+    return devices if devices > 1 and n % devices == 0 else 1
+
+
 def _weight_grad_taps(x, g, kernel_shape, strides, pads):
     """dW[i, j] = sum over n, h, w of xpad[n, s*h+i, s*w+j, :]^T g[n, h, w, :]: a matmul per tap.
 
     A loop over the taps rather than unrolled slices: as fast, and XLA keeps one shifted copy of
     the input alive instead of all kh*kw of them (148 -> 36 MB temporaries at 128ch 16x16 b128).
+
+    The loop never sums over the batch. When the batch is split over devices, a sum over it inside
+    the loop would be a cross-device reduction per tap, and XLA's CPU runtime does not order a
+    collective inside a loop against the step's other collectives: devices that start them in
+    different orders wait for each other forever (seen as a rendezvous abort with 8 virtual
+    devices). So the batch is cut into ``batch_groups`` slices (one per device), each tap is a
+    batched matmul over the slices, and the slices are summed once after the loop.
     """
     kh, kw, cin, cout = kernel_shape
     n, ho, wo, _ = g.shape
     sh, sw = strides
+    groups = batch_groups(n)
+    rows = n // groups * ho * wo
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    g2 = g.reshape(n * ho * wo, cout)
+    g3 = g.reshape(groups, rows, cout)
     acc = _accumulation_dtype(x, g)
 
     def tap(t, dw):
@@ -330,14 +343,14 @@ def _weight_grad_taps(x, g, kernel_shape, strides, pads):
         )
         if (sh, sw) != (1, 1):
             window = window[:, ::sh, ::sw, :]
-        # Contracting the leading (N*Ho*Wo) dim of both operands measured fastest here.
+        # Contracting the rows (N*Ho*Wo) of both operands measured fastest here.
         d = lax.dot_general(
-            window.reshape(n * ho * wo, cin), g2, (((0,), (0,)), ((), ())), preferred_element_type=acc
+            window.reshape(groups, rows, cin), g3, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc
         )
-        return lax.dynamic_update_index_in_dim(dw, d, t, 0)
+        return lax.dynamic_update_index_in_dim(dw, d, t, 1)
 
-    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, cin, cout), acc))
-    return dw.reshape(kh, kw, cin, cout)
+    dw = lax.fori_loop(0, kh * kw, tap, jnp.zeros((groups, kh * kw, cin, cout), acc))
+    return dw.sum(axis=0).reshape(kh, kw, cin, cout)
 
 
 def _input_grad_subpixel(g, kernel, x_shape, strides, pads):
