@@ -24,6 +24,7 @@ STAGES = ("pretrain", "finetune", "distill")
 OPTIMIZERS = ("lars", "momentum", "adam")
 LR_SCALINGS = ("linear", "sqrt")
 DTYPES = ("float32", "bfloat16")
+PARAM_SHARDINGS = ("replicated", "fsdp")
 PROJ_HEAD_MODES = ("none", "linear", "nonlinear")
 
 # ---- Groups of fields that travel together.
@@ -58,6 +59,8 @@ RESUME_FREE_FIELDS = (
     "profile",
     "skip_nonfinite_steps",
     "resume_changes",
+    "param_sharding",  # where the arrays live, not what they hold
+    "fsdp_min_size",
 )
 RESUME_OPTIMISATION_FIELDS = (
     "train_epochs",
@@ -161,6 +164,13 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.global_bn = True
     c.batch_norm_decay = 0.9
     c.compute_dtype = "float32"  # 'bfloat16' for mixed precision on GPU/TPU
+
+    # Parameter layout over the devices (parallel.py): 'replicated' (every device holds all
+    # parameters and optimiser state) or 'fsdp' (each large parameter and its optimiser slots split
+    # over the devices, gathered inside the step; for models whose state does not fit one device,
+    # e.g. R152-3x-SK1). Parameters with fewer elements than fsdp_min_size stay replicated.
+    c.param_sharding = "replicated"
+    c.fsdp_min_size = 2**14
 
     # Optimisation.
     c.train_batch_size = 256

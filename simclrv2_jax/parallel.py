@@ -1,9 +1,20 @@
 """Device mesh, shardings and multi-host start-up.
 
-One mesh axis, ``data``: the global batch is split over every device of every host, parameters and
-optimiser state are replicated. Because the train step is ``jax.jit`` over *global* arrays, global
-batch norm and the all-device NT-Xent negatives need no explicit collectives: XLA inserts them.
-The mesh uses ``Auto`` axis types so that XLA's sharding propagation places intermediates.
+One mesh axis, ``data``: the global batch is split over every device of every host. Because the
+train step is ``jax.jit`` over *global* arrays, global batch norm and the all-device NT-Xent
+negatives need no explicit collectives: XLA inserts them. The mesh uses ``Auto`` axis types so that
+XLA's sharding propagation places intermediates.
+
+Parameters and optimiser state are laid out by ``param_sharding``:
+
+* ``replicated``: every device holds all of them (the default; fastest while they fit).
+* ``fsdp``: every parameter with at least ``fsdp_min_size`` elements, and each optimiser slot of the
+  same shape, is split over the ``data`` axis along its largest dimension that the device count
+  divides; BN statistics, the step, the RNG and small vectors stay replicated. The train step
+  gathers the parameters where it uses them (``ParamLayout.gather``) and hands the gradients back
+  in the split layout (``ParamLayout.scatter``), so XLA reduce-scatters them instead of
+  all-reducing, and the optimiser updates only each device's slice. Results equal the replicated
+  layout's to float rounding; checkpoints restore into either layout and any device count.
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ import jax
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from simclrv2_jax.fields import PARAM_SHARDINGS
 
 DATA_AXIS = "data"
 
@@ -115,3 +128,72 @@ def part_major(x, num_parts: int, groups: int):
     n = x.shape[0] // num_parts
     rest = x.shape[1:]
     return x.reshape((groups, num_parts, n // groups) + rest).swapaxes(0, 1).reshape(x.shape)
+
+
+def fsdp_spec(shape: tuple[int, ...], devices: int, min_size: int) -> PartitionSpec:
+    """Where an array of ``shape`` is split under fsdp: its largest dimension that ``devices``
+    divides (the first such among equals), or nowhere when it is small or nothing divides."""
+    size = int(np.prod(shape)) if shape else 1
+    if devices <= 1 or size < min_size:
+        return PartitionSpec()
+    dims = [d for d in range(len(shape)) if shape[d] % devices == 0]
+    if not dims:
+        return PartitionSpec()
+    dim = max(dims, key=lambda d: (shape[d], -d))
+    return PartitionSpec(*([None] * dim + [DATA_AXIS]))
+
+
+class ParamLayout:
+    """Where the parameters live between steps, and how the step gathers and scatters them.
+
+    ``shardings(tree)`` gives the sharding of every leaf of a parameter-shaped tree (parameters,
+    gradients, optimiser slots); ``gather``/``scatter`` are identities for ``replicated``.
+    """
+
+    def __init__(self, mesh: Mesh, mode: str = "replicated", min_size: int = 2**14):
+        if mode not in PARAM_SHARDINGS:
+            raise ValueError(f"param_sharding={mode!r}: use one of {', '.join(PARAM_SHARDINGS)}.")
+        self.mesh, self.mode, self.min_size = mesh, mode, int(min_size)
+
+    @property
+    def sharded(self) -> bool:
+        return self.mode == "fsdp" and self.mesh.shape[DATA_AXIS] > 1
+
+    def sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+        if not self.sharded:
+            return replicated(self.mesh)
+        return NamedSharding(self.mesh, fsdp_spec(tuple(shape), self.mesh.shape[DATA_AXIS], self.min_size))
+
+    def shardings(self, tree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda a: self.sharding(a.shape), tree)
+
+    def state_shardings(self, abstract_state: Any) -> Any:
+        """Shardings of a ``TrainState``: ``params`` and ``opt_state`` laid out, the rest replicated."""
+        rep = replicated(self.mesh)
+        everything = jax.tree_util.tree_map(lambda _: rep, abstract_state)
+        return everything.replace(
+            params=self.shardings(abstract_state.params), opt_state=self.shardings(abstract_state.opt_state)
+        )
+
+    def gather(self, params: Any) -> Any:
+        """The whole parameters, on every device (inside a jitted step)."""
+        if not self.sharded:
+            return params
+        rep = replicated(self.mesh)
+        return jax.tree_util.tree_map(lambda p: jax.lax.with_sharding_constraint(p, rep), params)
+
+    def scatter(self, grads: Any) -> Any:
+        """Gradients in the parameters' layout: each device keeps the sum over the batch of its slice."""
+        if not self.sharded:
+            return grads
+        return jax.tree_util.tree_map(
+            lambda g: jax.lax.with_sharding_constraint(g, self.sharding(g.shape)), grads
+        )
+
+    def bytes_per_device(self, tree: Any) -> int:
+        """Bytes one device holds of ``tree`` (abstract or concrete arrays) in this layout."""
+        total = 0
+        for leaf in jax.tree_util.tree_leaves(tree):
+            shard = self.sharding(leaf.shape).shard_shape(tuple(leaf.shape))
+            total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+        return total

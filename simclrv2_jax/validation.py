@@ -50,6 +50,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     else:
         one_of("resnet_depth", sorted(BLOCK_SPECS))
     one_of("compute_dtype", fields.DTYPES)
+    if "param_sharding" in c:
+        one_of("param_sharding", fields.PARAM_SHARDINGS)
+        positive("fsdp_min_size")
     for field in (
         "train_batch_size",
         "eval_batch_size",

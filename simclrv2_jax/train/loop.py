@@ -221,7 +221,10 @@ def run(
         return create_train_state(task.init_variables, task.tx, config.seed)
 
     abstract = jax.eval_shape(init)
-    state_sharding = jax.tree_util.tree_map(lambda _: rep, abstract)
+    layout = parallel.ParamLayout(
+        mesh, config.get("param_sharding", "replicated"), config.get("fsdp_min_size", 2**14)
+    )
+    state_sharding = layout.state_shardings(abstract)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
     )
@@ -246,14 +249,14 @@ def run(
     else:
         state = jax.jit(init, out_shardings=state_sharding)()
         if task.initialize is not None:
-            state = task.initialize(state, task.tx)
+            state = jax.device_put(task.initialize(state, task.tx), state_sharding)
     if restored is None or changes:
         _write_json(workdir_path / "config.json", config.to_dict())
     start_step = int(jax.device_get(state.step))
     total = task.total_steps
 
     train_fn = jax.jit(
-        task.train_step,
+        task.make_train_step(layout),
         in_shardings=(state_sharding, data, *task.extra_shardings),
         out_shardings=(state_sharding, rep),
         donate_argnums=(0,),
@@ -261,7 +264,9 @@ def run(
     eval_fn = None
     if task.eval_step is not None and task.eval_data is not None:
         eval_fn = jax.jit(
-            task.eval_step, in_shardings=(state_sharding, data, *task.extra_shardings), out_shardings=rep
+            task.make_eval_step(layout),
+            in_shardings=(state_sharding, data, *task.extra_shardings),
+            out_shardings=rep,
         )
 
     writer = reporting.make_writer(workdir)

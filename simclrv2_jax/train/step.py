@@ -47,10 +47,14 @@ def make_train_step(
     loss_fn: LossFn,
     model_inputs: ModelInputs = image_input,
     augment: Callable[[dict, jax.Array], dict] | None = None,
+    layout: Any = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """``train_step(state, batch, *extra) -> (state, metrics)`` minimising ``loss_fn`` + weight decay.
 
     ``metrics["loss"]`` is the whole objective (``loss_fn``'s loss plus ``weight_decay_loss``).
+    ``layout`` (a ``parallel.ParamLayout``) says where the parameters live between steps: with
+    sharded parameters the step gathers them for the forward and backward passes and returns each
+    device its slice of the gradient, the optimiser then updating the slices.
     """
 
     def train_step(state: TrainState, batch: dict, *extra: Any) -> tuple[TrainState, dict]:
@@ -72,7 +76,10 @@ def make_train_step(
             metrics = {**metrics, "weight_decay_loss": wd_loss, "loss": loss + wd_loss}
             return loss + wd_loss, (updates["batch_stats"], metrics)
 
-        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(state.params)
+        params = layout.gather(state.params) if layout is not None else state.params
+        grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(params)
+        if layout is not None:
+            grads = layout.scatter(grads)
         metrics["grad_norm"] = optim.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         updated = state.apply_gradients(grads, tx, batch_stats)
@@ -126,6 +133,7 @@ def make_eval_step(
     model,
     extra_sums: Callable[..., dict] | None = None,
     preprocess: Callable[[jax.Array], jax.Array] | None = None,
+    layout: Any = None,
 ) -> Callable[..., dict]:
     """``eval_step(state, batch, *extra) -> sums``: top-1/top-5/loss sums of the supervised head.
 
@@ -136,9 +144,8 @@ def make_eval_step(
     def eval_step(state: TrainState, batch: dict, *extra: Any) -> dict:
         if preprocess is not None:
             batch = {**batch, "image": preprocess(batch["image"])}
-        out = model.apply(
-            {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
-        )
+        params = layout.gather(state.params) if layout is not None else state.params
+        out = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"], train=False)
         sums = losses.classification_eval_sums(out["logits_sup"], batch["label"], batch["mask"])
         if extra_sums is not None:
             sums.update(extra_sums(batch, *extra))

@@ -71,6 +71,10 @@ class Task:
 
     @functools.cached_property
     def train_step(self) -> Callable[..., tuple[TrainState, dict]]:
+        return self.make_train_step()
+
+    def make_train_step(self, layout: Any = None) -> Callable[..., tuple[TrainState, dict]]:
+        """The train step with the parameters laid out by ``layout`` (``parallel.ParamLayout``)."""
         return make_train_step(
             self.model,
             self.tx,
@@ -79,10 +83,14 @@ class Task:
             self.loss_fn,
             model_inputs=self.model_inputs,
             augment=self.augment,
+            layout=layout,
         )
 
     @functools.cached_property
     def eval_step(self) -> Callable[..., dict] | None:
+        return self.make_eval_step()
+
+    def make_eval_step(self, layout: Any = None) -> Callable[..., dict] | None:
         if self.eval_data is None:
             return None
-        return make_eval_step(self.model, self.eval_extra_sums, self.eval_preprocess)
+        return make_eval_step(self.model, self.eval_extra_sums, self.eval_preprocess, layout=layout)
