@@ -100,6 +100,30 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, field: str = "train_bat
     return global_batch_size // jax.process_count()
 
 
+def input_shards(config) -> int:
+    """How many disjoint shards the training data is read in (``config.input_shards``; 0: one per
+    process). The global batch is the shards' batches one after another, each shard with its own
+    order and augmentation draws, so the data a run sees depends on the shard count alone: a run on
+    fewer processes with ``input_shards`` set to the old process count sees exactly the same batches
+    (e.g. a pod run resumed on a smaller slice)."""
+    processes = jax.process_count()
+    shards = int(config.get("input_shards", 0)) or processes
+    if shards % processes or config.train_batch_size % shards:
+        raise ValueError(
+            f"config.input_shards={shards} must be a multiple of the {processes} process(es) and divide "
+            f"train_batch_size={config.train_batch_size}. Use e.g. --config.input_shards={processes}, "
+            "or 0 for one shard per process."
+        )
+    return shards
+
+
+def process_input_shards(shards: int) -> range:
+    """The input shards this process reads: a consecutive run, so that its local batch is where its
+    devices sit in the global batch."""
+    per_process = shards // jax.process_count()
+    return range(jax.process_index() * per_process, (jax.process_index() + 1) * per_process)
+
+
 def group_major(parts, groups: int):
     """Stacks equal-size batches (e.g. the two views) so that each of ``groups`` consecutive slices
     holds its share of every part: ``[p0[g0], p1[g0], p0[g1], p1[g1], ...]``.
@@ -186,9 +210,17 @@ class ParamLayout:
         """Gradients in the parameters' layout: each device keeps the sum over the batch of its slice."""
         if not self.sharded:
             return grads
-        return jax.tree_util.tree_map(
-            lambda g: jax.lax.with_sharding_constraint(g, self.sharding(g.shape)), grads
-        )
+        rep = replicated(self.mesh)
+
+        def scatter_one(g):
+            # First whole (each device's partial sum over its examples, summed over devices), then
+            # split: XLA turns the pair into a reduce-scatter. Constrained straight to the split
+            # layout, sharding propagation computes the weight gradient split by output channel
+            # instead, all-gathering the activations of the whole global batch onto every device.
+            whole = jax.lax.with_sharding_constraint(g, rep)
+            return jax.lax.with_sharding_constraint(whole, self.sharding(g.shape))
+
+        return jax.tree_util.tree_map(scatter_one, grads)
 
     def bytes_per_device(self, tree: Any) -> int:
         """Bytes one device holds of ``tree`` (abstract or concrete arrays) in this layout."""

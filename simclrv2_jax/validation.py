@@ -53,6 +53,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "param_sharding" in c:
         one_of("param_sharding", fields.PARAM_SHARDINGS)
         positive("fsdp_min_size")
+    if "input_shards" in c:
+        positive("input_shards", allow_zero=True)
     for field in (
         "train_batch_size",
         "eval_batch_size",

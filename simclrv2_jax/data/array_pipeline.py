@@ -124,6 +124,13 @@ def numpy_batches(ds: Iterable) -> Iterator[dict[str, np.ndarray]]:
     return ds.as_numpy_iterator() if hasattr(ds, "as_numpy_iterator") else iter(ds)
 
 
+def concatenated(streams: list[Iterable]) -> Iterator[dict[str, np.ndarray]]:
+    """One batch from each stream, joined along the batch axis in stream order (a process reading
+    several input shards: its local batch is theirs one after the other)."""
+    for parts in zip(*(numpy_batches(s) for s in streams)):
+        yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def make_global_batch(
     local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
 ) -> dict[str, jax.Array]:

@@ -97,7 +97,10 @@ def conv2d(x, kernel, *, strides=(1, 1), padding: Padding = "SAME", feature_grou
     strides = _pair(strides)
     pads = explicit_padding(x.shape, kernel.shape, strides, padding)
     static = all(isinstance(d, int) for d in (*x.shape, *kernel.shape))  # not symbolic (jax2tf)
-    if cpu_conv_mode() == "measure" and static and min(p for pair in pads for p in pair) >= 0:
+    # Several processes each measuring would pick paths on their own timings, and processes that
+    # compile different programs pair their collectives wrongly: every process takes the rules.
+    measure = cpu_conv_mode() == "measure" and jax.process_count() == 1
+    if measure and static and min(p for pair in pads for p in pair) >= 0:
         if tuple(kernel.shape[:2]) == (1, 1):
             if measured_choice(x, kernel, strides, pads)["conv"] == "matmul":
                 return conv1x1_as_matmul(x, kernel, strides=strides, padding=pads)

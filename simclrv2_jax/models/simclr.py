@@ -53,6 +53,7 @@ class SimCLRModel(nn.Module):
     num_bn_groups: int = 0  # 0: global BN; k: per-device BN over k devices
     batch_norm_decay: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
+    remat: bool = False  # recompute each residual block in the backward pass (ResNet.remat)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -69,6 +70,7 @@ class SimCLRModel(nn.Module):
             num_groups=self.num_bn_groups,
             momentum=self.batch_norm_decay,
             dtype=self.dtype,
+            remat=self.remat,
             name="backbone",
         )(images, train)
         outputs = dict(outputs)

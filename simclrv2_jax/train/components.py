@@ -39,6 +39,7 @@ def build_model(
         num_bn_groups=num_groups,
         batch_norm_decay=config.batch_norm_decay,
         dtype=jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32,
+        remat=bool(config.get("remat", False)),
     )
     kwargs.update(overrides)
     return SimCLRModel(**kwargs)

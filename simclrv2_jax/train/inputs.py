@@ -142,14 +142,17 @@ class StageInput:
         config, on_device = self.config, self.on_device
         source = source or self.source
         seed = config.seed if seed is None else seed
-        local = parallel.local_batch_size(config.train_batch_size, self.mesh)
+        parallel.local_batch_size(config.train_batch_size, self.mesh)
+        shards = parallel.input_shards(config)
+        per_shard = config.train_batch_size // shards
+        mine = parallel.process_input_shards(shards)
         split = split or config.train_split
-        shard = dict(process_index=jax.process_index(), process_count=jax.process_count(), indices=indices)
 
-        def make(start_step: int) -> Iterable:
+        def one_shard(index: int, start_step: int) -> Iterable:
+            shard = dict(process_index=index, process_count=shards, indices=indices)
             if on_device and source.in_memory:
                 return array_pipeline.train_batches(
-                    source, split, local_batch_size=local, seed=seed, start_step=start_step, **shard
+                    source, split, local_batch_size=per_shard, seed=seed, start_step=start_step, **shard
                 )
             from simclrv2_jax.data import pipeline
 
@@ -157,7 +160,7 @@ class StageInput:
             return pipeline.train_dataset(
                 source,
                 split,
-                local_batch_size=local,
+                local_batch_size=per_shard,
                 seed=seed,
                 start_step=start_step,
                 num_views=1 if on_device else num_views,
@@ -165,6 +168,10 @@ class StageInput:
                 preprocess=_host_preprocess(config, contrastive=contrastive, on_device=on_device),
                 **shard,
             )
+
+        def make(start_step: int) -> Iterable:
+            streams = [one_shard(index, start_step) for index in mine]
+            return streams[0] if len(streams) == 1 else array_pipeline.concatenated(streams)
 
         return make
 
