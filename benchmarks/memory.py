@@ -63,7 +63,6 @@ def measure(
     from benchmarks.train_step import synthetic_source
     from simclrv2_jax import fields, parallel
     from simclrv2_jax.train import pretrain
-    from simclrv2_jax.train.state import create_train_state
 
     config = fields.get_config("pretrain", f"imagenet,{model}")
     config.image_size = image_size
@@ -80,7 +79,7 @@ def measure(
     task = pretrain.build(config, mesh, source=synthetic_source(small, num_classes=1000))
     layout = parallel.ParamLayout(mesh, layout_name, config.fsdp_min_size)
 
-    abstract = jax.eval_shape(lambda: create_train_state(task.init_variables, task.tx, 0))
+    abstract = jax.eval_shape(lambda: task.init_state(0))
     state_sharding = layout.state_shardings(abstract)
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding

@@ -34,7 +34,6 @@ from benchmarks.input_pipeline import cpu_info
 from simclrv2_jax import fields, parallel
 from simclrv2_jax.data.sources import InMemorySource
 from simclrv2_jax.train import STAGE_MODULES
-from simclrv2_jax.train.state import create_train_state
 
 
 def synthetic_source(config, num_classes: int = 10) -> InMemorySource:
@@ -159,7 +158,7 @@ def main() -> None:
     )
 
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    state = jax.jit(lambda: create_train_state(task.init_variables, task.tx, 0), out_shardings=rep)()
+    state = jax.jit(lambda: task.init_state(0), out_shardings=rep)()
     views = 2 if args.stage == "pretrain" else 1
     rng = np.random.default_rng(0)
     shape = (args.batch, config.image_size, config.image_size, 3)

@@ -66,7 +66,7 @@ def _replicate(x: Array, mesh_axis: str | None) -> Array:
     return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def _l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
     # Same guard as tf.math.l2_normalize (rsqrt of max(sum_sq, eps)), so a zero row stays finite.
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
@@ -87,8 +87,10 @@ def nt_xent_loss(
     hidden_norm: bool = True,
     large_num: float = 1e9,
     mesh_axis: str | None = None,
+    memory: Array | None = None,
+    memory_valid: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """NT-Xent contrastive loss of SimCLR over the global batch.
+    """NT-Xent contrastive loss of SimCLR over the global batch, optionally with a memory of negatives.
 
     Args:
       z: [2N, d] projections; rows [:N] are view A and rows [N:] view B of the same N examples
@@ -100,6 +102,12 @@ def nt_xent_loss(
       mesh_axis: name of the batch mesh axis (e.g. 'data'). When z lives on a mesh with that axis
         (from its sharding or the `jax.set_mesh` context) the logits rows are kept sharded over it,
         and under Explicit axes the other view is gathered explicitly. Ignored off a mesh.
+      memory: optional [K, d] queue of earlier projections (already L2-normalised when
+        ``hidden_norm``; no gradient flows into it). Each anchor of both directions also meets every
+        entry as a negative: its logits ``z memory^T / tau`` join the softmax's denominator. ``None``
+        gives exactly the loss without memory.
+      memory_valid: optional [K] bool; entries that are False (slots not yet filled) are left out
+        (``-large_num``). Default: every entry counts.
 
     Returns:
       (loss, aux): loss = mean over the N examples of (loss_a + loss_b), the sum of both directions
@@ -112,7 +120,7 @@ def nt_xent_loss(
     n = z.shape[0] // 2
     z = z.astype(jnp.float32)
     if hidden_norm:
-        z = _l2_normalize(z)
+        z = l2_normalize(z)
     za, zb = z[:n], z[n:]
     za_all, zb_all = _replicate(za, mesh_axis), _replicate(zb, mesh_axis)
     za, zb = _constrain_rows(za, mesh_axis), _constrain_rows(zb, mesh_axis)
@@ -136,8 +144,18 @@ def nt_xent_loss(
     # on row-sharded logits.
     pos_ab = jnp.sum(logits_ab * eye, axis=1)
     pos_ba = jnp.sum(logits_ba * eye, axis=1)
-    lse_a = jax.nn.logsumexp(jnp.concatenate([logits_ab, logits_aa], axis=1), axis=1)
-    lse_b = jax.nn.logsumexp(jnp.concatenate([logits_ba, logits_bb], axis=1), axis=1)
+    parts_a, parts_b = [logits_ab, logits_aa], [logits_ba, logits_bb]
+    if memory is not None:
+        queue = jax.lax.stop_gradient(memory.astype(jnp.float32))
+        if memory_valid is not None:
+            # Empty slots take -large_num (as the self-similarity does): exp underflows to exactly 0.
+            off = large_num * jnp.logical_not(memory_valid).astype(jnp.float32)[None, :]
+        else:
+            off = 0.0
+        parts_a.append(_constrain_rows(jnp.matmul(za, queue.T, precision=hp) * inv_t - off, mesh_axis))
+        parts_b.append(_constrain_rows(jnp.matmul(zb, queue.T, precision=hp) * inv_t - off, mesh_axis))
+    lse_a = jax.nn.logsumexp(jnp.concatenate(parts_a, axis=1), axis=1)
+    lse_b = jax.nn.logsumexp(jnp.concatenate(parts_b, axis=1), axis=1)
     loss = jnp.mean((lse_a - pos_ab) + (lse_b - pos_ba))
 
     labels = jnp.arange(n)

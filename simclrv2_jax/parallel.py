@@ -192,12 +192,17 @@ class ParamLayout:
         return jax.tree_util.tree_map(lambda a: self.sharding(a.shape), tree)
 
     def state_shardings(self, abstract_state: Any) -> Any:
-        """Shardings of a ``TrainState``: ``params`` and ``opt_state`` laid out, the rest replicated."""
+        """Shardings of a ``TrainState``: ``params``, ``opt_state`` and the memory network's weights
+        (``memory["params"]``, pretraining with memory) laid out, the rest replicated."""
         rep = replicated(self.mesh)
         everything = jax.tree_util.tree_map(lambda _: rep, abstract_state)
-        return everything.replace(
+        laid_out = dict(
             params=self.shardings(abstract_state.params), opt_state=self.shardings(abstract_state.opt_state)
         )
+        memory = getattr(abstract_state, "memory", None)
+        if memory is not None:
+            laid_out["memory"] = {**everything.memory, "params": self.shardings(memory["params"])}
+        return everything.replace(**laid_out)
 
     def gather(self, params: Any) -> Any:
         """The whole parameters, on every device (inside a jitted step)."""

@@ -110,6 +110,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if "alpha" in c and c.alpha < 0:
         _fail("alpha", c.alpha, "must be non-negative.")
+    if "memory_size" in c:
+        positive("memory_size", allow_zero=True)
+        if not 0 <= c.moco_momentum <= 1:
+            _fail("moco_momentum", c.moco_momentum, "must be in [0, 1] (the paper: 0.999).")
+        if c.memory_size and c.memory_size < 2 * c.train_batch_size:
+            _fail(
+                "memory_size",
+                c.memory_size,
+                f"each step adds the 2 x train_batch_size = {2 * c.train_batch_size} projections of its "
+                "views; use at least that many slots (the paper: 65536), or 0 for no memory.",
+            )
+        if c.memory_size and c.proj_head_mode == "none":
+            _fail("memory_size", c.memory_size, "the memory holds projections; it needs a projection head.")
     if c.proj_head_mode == "nonlinear" and c.num_proj_layers < 1:
         _fail("num_proj_layers", c.num_proj_layers, "a nonlinear head needs at least one layer.")
     kept_head_layers(c.proj_head_mode, c.num_proj_layers, c.ft_proj_selector)  # raises with the field name

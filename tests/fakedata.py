@@ -215,9 +215,8 @@ def marked_state(task, mesh):
     import jax
 
     from simclrv2_jax import parallel
-    from simclrv2_jax.train.state import create_train_state
 
-    abstract = jax.eval_shape(lambda: create_train_state(task.init_variables, task.tx, task.config.seed))
+    abstract = jax.eval_shape(lambda: task.init_state(task.config.seed))
     rep = parallel.replicated(mesh)
 
     def fill(leaf):

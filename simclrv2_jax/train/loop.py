@@ -39,7 +39,7 @@ from simclrv2_jax import workdir as workdir_lib
 from simclrv2_jax.checkpoints import Checkpointer
 from simclrv2_jax.data.array_pipeline import global_iterator
 from simclrv2_jax.train import reporting
-from simclrv2_jax.train.state import TrainState, create_train_state
+from simclrv2_jax.train.state import TrainState
 from simclrv2_jax.train.step import GUARD_METRICS, nonfinite_parts
 from simclrv2_jax.train.task import Task
 
@@ -218,7 +218,7 @@ def run(
     max_skipped = int(config.get("skip_nonfinite_steps", 0))
 
     def init() -> TrainState:
-        return create_train_state(task.init_variables, task.tx, config.seed)
+        return task.init_state(config.seed)
 
     abstract = jax.eval_shape(init)
     layout = parallel.ParamLayout(

@@ -20,6 +20,7 @@ from simclrv2_jax import losses, parallel
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.parallel import DATA_AXIS
 from simclrv2_jax.train import components, inputs
+from simclrv2_jax.train.memory import MomentumMemory
 from simclrv2_jax.train.task import Task
 
 
@@ -41,12 +42,28 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         labels = parallel.group_major([batch["label"], batch["label"]], groups)
         return images, {**batch, "label": labels}
 
+    def projections(outputs: dict) -> jax.Array:
+        """[2N, d]: view A of the global batch's examples in order, then view B (NT-Xent's rows)."""
+        return parallel.part_major(outputs["proj_head_output"], 2, groups)
+
+    memory = None
+    if config.get("memory_size", 0):
+        memory = MomentumMemory(
+            size=config.memory_size,
+            momentum=config.moco_momentum,
+            key_dim=config.proj_out_dim,
+            hidden_norm=config.hidden_norm,
+            keys_of=projections,
+        )
+
     def loss_fn(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict]:
         contrast_loss, aux = losses.nt_xent_loss(
-            parallel.part_major(outputs["proj_head_output"], 2, groups),
+            projections(outputs),
             temperature=config.temperature,
             hidden_norm=config.hidden_norm,
             mesh_axis=DATA_AXIS,
+            memory=batch.get("memory_queue"),
+            memory_valid=batch.get("memory_valid"),
         )
         metrics = {"contrast_loss": contrast_loss, **aux}
         loss = contrast_loss
@@ -67,6 +84,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         model_inputs=model_inputs,
         augment=data.train_augment(num_views=2, contrastive=True),
         augment_on_device=data.on_device,
+        memory=memory,
         train_data=data.train_data(num_views=2, contrastive=True),
         eval_data=data.eval_data() if lineareval else None,
         eval_preprocess=data.eval_preprocess(),

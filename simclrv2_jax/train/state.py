@@ -28,6 +28,9 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw key data (uint32[2]) so that checkpoints hold plain arrays
     skipped_steps: jax.Array  # int32: non-finite steps skipped so far (above the limit: halted)
+    # Pretraining's memory of negatives (train/memory.py): the memory network's weights and BN
+    # statistics, the queue and its pointers. None without memory (no leaves: checkpoints unchanged).
+    memory: Any = None
 
     def step_key(self) -> jax.Array:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
@@ -43,8 +46,12 @@ class TrainState:
 
 
 def create_train_state(
-    init_variables: Callable[[jax.Array], dict], tx: optax.GradientTransformation, seed: int
+    init_variables: Callable[[jax.Array], dict],
+    tx: optax.GradientTransformation,
+    seed: int,
+    memory: Any = None,
 ) -> TrainState:
+    """The state at step 0; ``memory`` (a ``train.memory.MomentumMemory``) adds its initial state."""
     key = jax.random.key(seed)
     init_key, state_key = jax.random.split(key)
     variables = init_variables(init_key)
@@ -56,4 +63,5 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=jax.random.key_data(state_key),
         skipped_steps=jnp.zeros((), jnp.int32),
+        memory=memory.init(variables) if memory is not None else None,
     )

@@ -48,6 +48,7 @@ def make_train_step(
     model_inputs: ModelInputs = image_input,
     augment: Callable[[dict, jax.Array], dict] | None = None,
     layout: Any = None,
+    memory: Any = None,
 ) -> Callable[..., tuple[TrainState, dict]]:
     """``train_step(state, batch, *extra) -> (state, metrics)`` minimising ``loss_fn`` + weight decay.
 
@@ -55,12 +56,19 @@ def make_train_step(
     ``layout`` (a ``parallel.ParamLayout``) says where the parameters live between steps: with
     sharded parameters the step gathers them for the forward and backward passes and returns each
     device its slice of the gradient, the optimiser then updating the slices.
+    ``memory`` (a ``train.memory.MomentumMemory``, pretraining only) moves the memory network, hands
+    ``loss_fn`` the queue as ``batch["memory_queue"]`` / ``batch["memory_valid"]``, and enqueues the
+    step's memory projections after the loss.
     """
+    gather = layout.gather if layout is not None else None
 
     def train_step(state: TrainState, batch: dict, *extra: Any) -> tuple[TrainState, dict]:
         if augment is not None:
             batch = augment(batch, state.step_key())
         images, batch = model_inputs(batch, *extra)
+        if memory is not None:
+            moved, keys = memory.advance(model, state.memory, state.params, images, gather=gather)
+            batch = {**batch, "memory_queue": moved["queue"], "memory_valid": memory.valid(moved)}
 
         def objective(params):
             outputs, updates = model.apply(
@@ -76,13 +84,16 @@ def make_train_step(
             metrics = {**metrics, "weight_decay_loss": wd_loss, "loss": loss + wd_loss}
             return loss + wd_loss, (updates["batch_stats"], metrics)
 
-        params = layout.gather(state.params) if layout is not None else state.params
+        params = gather(state.params) if gather is not None else state.params
         grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(params)
         if layout is not None:
             grads = layout.scatter(grads)
         metrics["grad_norm"] = optim.global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         updated = state.apply_gradients(grads, tx, batch_stats)
+        if memory is not None:
+            updated = updated.replace(memory=memory.push(moved, keys))
+            metrics["memory_filled"] = updated.memory["queue_filled"].astype(jnp.float32)
         return guarded_update(state, updated, metrics, config.get("skip_nonfinite_steps", 0))
 
     return train_step

@@ -19,7 +19,7 @@ import ml_collections
 import optax
 
 from simclrv2_jax.train import components
-from simclrv2_jax.train.state import TrainState
+from simclrv2_jax.train.state import TrainState, create_train_state
 from simclrv2_jax.train.step import LossFn, image_input, make_eval_step, make_train_step
 
 
@@ -51,6 +51,7 @@ class Task:
     eval_extra_sums: Callable[..., dict] | None = None
     eval_preprocess: Callable[[jax.Array], jax.Array] | None = None  # on-device evaluation view
     initialize: Callable[[TrainState, optax.GradientTransformation], TrainState] | None = None
+    memory: Any = None  # a train.memory.MomentumMemory: pretraining's memory of negatives
     extra: tuple = ()
     extra_shardings: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)  # written to results.json (data sizes, ...)
@@ -64,6 +65,10 @@ class Task:
         self.tx, self.schedule = components.optimizer(
             self.config, self.num_examples, self.total_steps, trainable_mask=self.trainable
         )
+
+    def init_state(self, seed: int) -> TrainState:
+        """The state at step 0 (before any ``initialize`` from an earlier stage's checkpoint)."""
+        return create_train_state(self.init_variables, self.tx, seed, memory=self.memory)
 
     def init_variables(self, key: jax.Array) -> dict:
         images = jnp.zeros((2, *self.image_shape), jnp.float32)
@@ -84,6 +89,7 @@ class Task:
             model_inputs=self.model_inputs,
             augment=self.augment,
             layout=layout,
+            memory=self.memory,
         )
 
     @functools.cached_property
