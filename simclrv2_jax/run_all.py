@@ -31,6 +31,7 @@ from ml_collections import ConfigDict, config_flags
 
 from simclrv2_jax.cli import COMMAND_LINE_ERRORS, config_value, exit_bad_command_line
 from simclrv2_jax.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS, config_file
+from simclrv2_jax.workdir import finished_results
 
 PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
 # Each pipeline stage's config flag: (config file, default presets, help).
@@ -86,20 +87,6 @@ def stage_configs(
     return configs
 
 
-def _finished(workdir: str, config: ConfigDict) -> dict[str, Any] | None:
-    """The stage's results if it already ran to the end with this very config."""
-    try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            results = json.load(f)
-        with open(os.path.join(workdir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if saved != json.loads(json.dumps(config.to_dict())) or not results.get("completed"):
-        return None
-    return results
-
-
 def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]) -> dict[str, Any]:
     from simclrv2_jax.plots import plot_summary
     from simclrv2_jax.train import train_stage
@@ -109,7 +96,7 @@ def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]
     for stage in stages:
         config = configs[stage]
         stage_dir = os.path.join(workdir, stage)
-        done = _finished(stage_dir, config)
+        done = finished_results(stage_dir, config)
         if done is not None:
             logging.info("pipeline: %s already finished in %s; skipping.", stage, stage_dir)
             summary["stages"][stage] = done

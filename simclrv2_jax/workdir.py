@@ -215,6 +215,20 @@ def _normalised(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return json.loads(json.dumps(as_dict))
 
 
+def finished_results(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """The run's ``results.json`` if it already ran to the end in ``workdir`` with this very config
+    (``completed``, and ``config.json`` equal to ``config``), else None: such a run is skipped."""
+    path = epath.Path(workdir)
+    try:
+        results = json.loads((path / "results.json").read_text())
+        saved = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if saved != _normalised(config) or not results.get("completed"):
+        return None
+    return results
+
+
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, current value)}`` for every field whose value differs."""
     now = _normalised(config)
