@@ -1,10 +1,18 @@
-"""The pipeline's summary figure: each stage's training curve and the test accuracy it reached."""
+"""Figures: the pipeline's summary (each stage's training curve and the test accuracy it reached) and
+the notebook's image grids (augmented views, nearest neighbours).
+
+Figures are ``matplotlib.figure.Figure`` objects made without ``pyplot``: no global backend is chosen
+or changed (a notebook keeps its inline backend), and nothing needs closing. Save one with
+``fig.savefig(path)``; in a notebook ``display(fig)`` shows it.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Any
+
+import numpy as np
 
 
 def read_history(workdir: str) -> list[dict[str, float]]:
@@ -18,10 +26,7 @@ def read_history(workdir: str) -> list[dict[str, float]]:
 
 def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path: str) -> None:
     """Training loss of every stage and the test accuracy each one reached, in one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     curves = {
         "pretrain": "train/contrast_loss",
@@ -29,7 +34,8 @@ def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path:
         "distill": "train/distill_loss",
         "baseline": "train/sup_loss",
     }
-    fig, axes = plt.subplots(1, len(stages) + 1, figsize=(4.2 * (len(stages) + 1), 3.6))
+    fig = Figure(figsize=(4.2 * (len(stages) + 1), 3.6))
+    axes = fig.subplots(1, len(stages) + 1)
     for ax, stage in zip(axes, stages):
         history = read_history(os.path.join(workdir, stage))
         rows = [r for r in history if curves[stage] in r]
@@ -63,4 +69,54 @@ def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path:
     ax.set_title(f"test top-1 (%), {summary.get('labels', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+
+def _show_image(ax, image, title: str | None = None) -> None:
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    ax.imshow(
+        image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=255 if image.dtype == np.uint8 else 1
+    )
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def views_figure(images, views, titles: list[str] | None = None):
+    """A grid with one column per image: the image, then each of its augmented ``views`` below it.
+
+    ``images``: ``[N, H, W(, C)]``; ``views``: a list of ``[N, h, w, C]`` arrays (float in [0, 1] or uint8).
+    """
+    from matplotlib.figure import Figure
+
+    num, rows = len(images), 1 + len(views)
+    fig = Figure(figsize=(1.3 * num, 1.4 * rows))
+    axes = np.asarray(fig.subplots(rows, num, squeeze=False))
+    for i in range(num):
+        _show_image(axes[0, i], images[i], titles[i] if titles else None)
+        for r, view in enumerate(views, start=1):
+            _show_image(axes[r, i], view[i])
+    for r in range(rows):
+        axes[r, 0].set_ylabel("image" if r == 0 else f"view {r}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def neighbours_figure(queries, query_titles: list[str], neighbours, neighbour_titles: list[list[str]]):
+    """One row per query: the query image, then its nearest neighbours, most similar first.
+
+    ``neighbours``: ``[Q, k, H, W(, C)]``; ``neighbour_titles``: ``[Q][k]`` captions (label, similarity).
+    """
+    from matplotlib.figure import Figure
+
+    num, k = len(queries), len(neighbours[0])
+    fig = Figure(figsize=(1.3 * (k + 1), 1.45 * num))
+    axes = np.asarray(fig.subplots(num, k + 1, squeeze=False))
+    for q in range(num):
+        _show_image(axes[q, 0], queries[q], f"query: {query_titles[q]}")
+        for j in range(k):
+            _show_image(axes[q, j + 1], neighbours[q][j], neighbour_titles[q][j])
+    fig.tight_layout()
+    return fig

@@ -39,7 +39,20 @@ if TYPE_CHECKING:
 FASHION_MNIST = "fashion_mnist"
 # The Debian package `dataset-fashion-mnist` installs the original IDX files here.
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-_FASHION_MNIST_FILES = {
+# Label i's name, as the data set's authors list them.
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
@@ -415,7 +428,7 @@ def _fashion_mnist_dir(data_dir: str | None) -> str:
     # An explicit data_dir is the only place looked at: silently falling back to the Debian package
     # would train on other data than the user named.
     candidates = [os.fspath(data_dir)] if data_dir else [DEFAULT_FASHION_MNIST_DIR]
-    needed = [name for pair in _FASHION_MNIST_FILES.values() for name in pair]
+    needed = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
     for directory in candidates:
         if all(os.path.isfile(os.path.join(directory, name)) for name in needed):
             return directory
@@ -431,7 +444,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> InMemorySource:
     directory = _fashion_mnist_dir(data_dir)
     logging.info("Reading Fashion-MNIST from %s", directory)
     data = {}
-    for split, (image_file, label_file) in _FASHION_MNIST_FILES.items():
+    for split, (image_file, label_file) in FASHION_MNIST_FILES.items():
         images = read_idx(os.path.join(directory, image_file))
         labels = read_idx(os.path.join(directory, label_file))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
