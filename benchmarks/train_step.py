@@ -125,6 +125,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no_guard", action="store_true", help="time the step without the guard")
+    parser.add_argument("--memory_size", type=int, default=0, help="pretraining's memory of negatives")
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--torch_peer",
@@ -150,6 +151,8 @@ def main() -> None:
     config.train_batch_size = args.batch
     config.compute_dtype = args.dtype
     config.train_steps = 1000
+    if args.memory_size:
+        config.memory_size = args.memory_size
     if args.stage == "finetune":
         config.checkpoint = ""
     mesh = parallel.create_mesh()
@@ -201,6 +204,7 @@ def main() -> None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "augment_on_device": task.augment_on_device,
         "finite_state_guard": not args.no_guard,
+        "memory_size": args.memory_size,
         "compile_and_first_step_s": compile_s,
         "step_s_median": per_step,
         "step_s_min": min(times),
