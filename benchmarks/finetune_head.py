@@ -13,26 +13,18 @@ Finished runs are not run again (each has its own workdir under ``--runs``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 
-import jax
-
-from benchmarks.input_pipeline import cpu_info
+from benchmarks import common
 from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import train_stage
 
 
 def run_one(pretrain: str, workdir: str, train_head: bool, seed: int) -> dict:
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
-        if results.get("completed"):
-            return results
+    done = common.finished(workdir)
+    if done is not None:
+        return done
     config = get_config("finetune", "fashion_mnist")
     config.checkpoint = pretrain
     config.train_proj_head_in_finetune = train_head
@@ -61,14 +53,8 @@ def main() -> None:
         )
     seeds = [int(s) for s in args.seeds.split(",")]
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            **cpu_info(),
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-        },
+        "date": common.now(),
+        "machine": common.machine(),
         "pretrain_checkpoint": args.pretrain,
         "preset": "finetune.py:fashion_mnist",
         "settings": {},
@@ -92,10 +78,7 @@ def main() -> None:
             "std_top1": statistics.stdev(top1) if len(top1) > 1 else 0.0,
         }
         print(name, top1)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
-    print(f"wrote {args.out}")
+    common.write(args.out, report)
 
 
 if __name__ == "__main__":
