@@ -138,6 +138,11 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--budget_gib", type=float, default=16.0, help="a TPU v3 core's HBM")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "memory.json"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows already in --out for other settings (model, devices, layout, remat)",
+    )
     args = parser.parse_args()
     device_counts = [int(d) for d in args.devices.split(",")]
     _setup_environment(max(device_counts))
@@ -152,6 +157,7 @@ def main() -> None:
                     model, devices, layout, args.per_device_batch, args.dtype, args.image_size, remat == "1"
                 )
                 row["fits_budget"] = row["peak_gib"] <= args.budget_gib
+                row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
                 rows.append(row)
                 print(
                     f"{model:12s} {devices:4d} dev {layout:10s} remat {remat} params+opt "
@@ -162,6 +168,13 @@ def main() -> None:
                 )
     import jax
 
+    def key(row):
+        return (row["model"], row["devices"], row["param_sharding"], row["remat"])
+
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            new = {key(r) for r in rows}
+            rows = [r for r in json.load(f)["rows"] if key(r) not in new] + rows
     result = {
         "what": "per-device memory of the compiled pretraining step (XLA memory_analysis, abstract shapes)",
         "budget_gib": args.budget_gib,
