@@ -5,8 +5,8 @@
 * the ring buffer against a slot-by-slot NumPy simulation, wrapping inside a step;
 * the memory network's moving average against NumPy, from a real run's snapshots;
 * runs: the first step equals the memory-free run's (the queue starts empty), the queue's pointers
-  by hand count, a stopped and resumed run bit for bit, and another layout and device count
-  (fsdp on 4 devices against replicated on 8) to float tolerance.
+  by hand count, a stopped and resumed run bit for bit, and the fsdp layout against the replicated
+  one to float tolerance.
 """
 
 import jax
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from fakedata import PRETRAIN_STEPS, flat, host_copy, read_checkpoint, tiny
 
-from simclrv2_jax import losses, parallel
+from simclrv2_jax import losses
 from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import train_stage
 from simclrv2_jax.train.memory import MomentumMemory
@@ -279,15 +279,18 @@ def test_resume_with_memory_is_bit_for_bit(tmp_path, fake_data_dir, memory_run):
 
 
 def test_memory_network_is_laid_out_like_the_parameters(tmp_path, fake_data_dir, memory_run):
-    """fsdp on 4 devices against replicated on 8: the memory network's weights are split like the
-    encoder's, the queue is whole, and every part of the state agrees with the replicated run."""
-    mesh = parallel.create_mesh(4)
+    """fsdp against replicated, both on the 8 devices: the memory network's weights are split like the
+    encoder's, the queue is whole, and every part of the state agrees with the replicated run.
+
+    Same device count on purpose: the per-device convolution shapes, hence the CPU convolution paths
+    measured for them, are then the same in both runs. With another device count the paths may differ,
+    and six steps of this tiny model at its learning rate amplify that float rounding past any tight
+    tolerance (``test_fsdp.py`` compares across device counts with a looser one)."""
     results = train_stage(
-        memory_config(fake_data_dir, param_sharding="fsdp", fsdp_min_size=256),
-        str(tmp_path / "fsdp"),
-        mesh=mesh,
+        memory_config(fake_data_dir, param_sharding="fsdp", fsdp_min_size=256), str(tmp_path / "fsdp")
     )
     state = results["state"]
+    assert len(state.memory["queue"].sharding.device_set) == 8
     encoder = dict(jax.tree_util.tree_leaves_with_path(state.params))
     split = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.memory["params"]):
