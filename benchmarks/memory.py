@@ -56,6 +56,7 @@ def measure(
     dtype: str,
     image_size: int,
     remat: bool,
+    scan_blocks: bool = False,
 ):
     import jax
     import numpy as np
@@ -72,6 +73,7 @@ def measure(
     config.augment_on_device = False  # the host pipeline hands the step augmented float views
     config.param_sharding = layout_name
     config.remat = remat
+    config.scan_blocks = scan_blocks
     config.lineareval_while_pretraining = True  # as the release pretrains
     mesh = parallel.create_mesh(devices)
     small = config.copy_and_resolve_references()
@@ -114,6 +116,7 @@ def measure(
         "image_size": image_size,
         "compute_dtype": dtype,
         "remat": remat,
+        "scan_blocks": scan_blocks,
         "num_params": num_params,
         "params_bytes_per_device": layout.bytes_per_device(params),
         "opt_state_bytes_per_device": layout.bytes_per_device(abstract.opt_state),
@@ -133,6 +136,9 @@ def main() -> None:
     parser.add_argument("--devices", default="8,32,128")
     parser.add_argument("--layouts", default="replicated,fsdp")
     parser.add_argument("--remat", default="0,1", help="without (0) and/or with (1) block remat")
+    parser.add_argument(
+        "--scan_blocks", default="0", help="blocks unrolled (0) and/or scanned (1); see ResNet.scan_blocks"
+    )
     parser.add_argument("--per_device_batch", type=int, default=32, help="images (two views each)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--image_size", type=int, default=224)
@@ -152,15 +158,25 @@ def main() -> None:
     rows = []
     for model in args.models.split(","):
         for devices in device_counts:
-            for layout, remat in itertools.product(args.layouts.split(","), args.remat.split(",")):
+            settings = itertools.product(
+                args.layouts.split(","), args.remat.split(","), args.scan_blocks.split(",")
+            )
+            for layout, remat, scan in settings:
                 row = measure(
-                    model, devices, layout, args.per_device_batch, args.dtype, args.image_size, remat == "1"
+                    model,
+                    devices,
+                    layout,
+                    args.per_device_batch,
+                    args.dtype,
+                    args.image_size,
+                    remat == "1",
+                    scan == "1",
                 )
                 row["fits_budget"] = row["peak_gib"] <= args.budget_gib
                 row["xla_flags"] = os.environ.get("XLA_FLAGS", "")
                 rows.append(row)
                 print(
-                    f"{model:12s} {devices:4d} dev {layout:10s} remat {remat} params+opt "
+                    f"{model:12s} {devices:4d} dev {layout:10s} remat {remat} scan {scan} params+opt "
                     f"{(row['params_bytes_per_device'] + row['opt_state_bytes_per_device']) / 2**30:6.2f} GiB"
                     f"  temp {row['temp_bytes'] / 2**30:6.2f} GiB  peak {row['peak_gib']:6.2f} GiB"
                     f"  (compile {row['compile_s']:.0f} s)",
@@ -169,7 +185,7 @@ def main() -> None:
     import jax
 
     def key(row):
-        return (row["model"], row["devices"], row["param_sharding"], row["remat"])
+        return (row["model"], row["devices"], row["param_sharding"], row["remat"], row.get("scan_blocks", False))
 
     if args.merge and os.path.exists(args.out):
         with open(args.out) as f:

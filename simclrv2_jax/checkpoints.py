@@ -31,6 +31,7 @@ from absl import logging
 from etils import epath
 
 from simclrv2_jax import optim, parallel
+from simclrv2_jax.models import block_stack
 from simclrv2_jax.fields import ARCH_FIELDS
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -132,8 +133,7 @@ class Checkpointer:
         finally:
             manager.close()
 
-    def _check_structure(self, step: int, abstract_state: Any) -> None:
-        """CheckpointError listing the differences if the saved state has another structure."""
+    def _saved_tree(self, step: int) -> Any:
         manager = _reader(self.directory)
         try:
             metadata = manager.item_metadata(step)["state"]
@@ -141,7 +141,11 @@ class Checkpointer:
             manager.close()
         if metadata is None:
             raise FileNotFoundError("the state's metadata is missing")
-        saved = _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+        return metadata.tree if hasattr(metadata, "tree") else metadata
+
+    def _check_structure(self, step: int, saved_tree: Any, abstract_state: Any) -> None:
+        """CheckpointError listing the differences if the saved state has another structure."""
+        saved = _shapes(saved_tree)
         wanted = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
         if saved == wanted:
             return
@@ -162,12 +166,20 @@ class Checkpointer:
         raise CheckpointError("\n".join(lines))
 
     def restore(self, step: int, abstract_state: Any) -> Any:
-        """Restores the whole state of ``step`` onto the shardings given in ``abstract_state``."""
-        self._check_structure(step, abstract_state)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-        )
+        """Restores the whole state of ``step`` onto the shardings given in ``abstract_state``.
+
+        A state saved with the other block layout (``scan_blocks``) is read in its own layout and
+        converted (``models.block_stack``), each array then placed on ``abstract_state``'s sharding.
+        """
+        saved_tree = self._saved_tree(step)
+        as_saved = block_stack.like(abstract_state, saved_tree)
+        self._check_structure(step, saved_tree, as_saved)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))
         state = restored["state"]
+        if as_saved is not abstract_state:
+            logging.info("Converting the checkpoint at %s to this run's block layout.", self.path(step))
+            state = block_stack.like(state, abstract_state)
+            state = jax.tree_util.tree_map(lambda x, a: jax.device_put(x, a.sharding), state, abstract_state)
         if not all_finite(state):
             raise FloatingPointError("the state holds non-finite values")
         return state
@@ -306,8 +318,11 @@ def load_variables(
         metadata = manager.item_metadata(step)["state"]
         saved = metadata.tree if hasattr(metadata, "tree") else metadata
         saved = {k: saved[k] for k in ("params", "batch_stats") if k in saved}
+        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), target)
+        # The target in the checkpoint's block layout (scan_blocks may differ between the stages).
+        as_saved = block_stack.like(shapes, saved)
         saved_paths = _paths(saved)
-        want_paths = _paths(target)
+        want_paths = _paths(as_saved)
         missing = sorted(set(want_paths) - set(saved_paths))
         mismatched = sorted(
             p
@@ -343,7 +358,11 @@ def load_variables(
     finally:
         manager.close()
     restored_paths = _paths(restored)
-    leaves = [restored_paths[p] for p in want_paths]
+    picked = jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(as_saved), [restored_paths[p] for p in want_paths]
+    )
+    converted = _paths(block_stack.like(picked, shapes))
+    leaves = [converted[p] for p in _paths(target)]
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves), step
 
 

@@ -215,6 +215,7 @@ def load_run(workdir: str, step: int | None = None) -> LoadedRun:
         mesh=parallel.create_mesh(1),
         num_bn_groups=0,
         dtype=jnp.float32,
+        scan_blocks=False,  # one TF variable per block, as the release names them
     )
     images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, channels), jnp.float32)
     target = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)

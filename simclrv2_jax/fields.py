@@ -62,6 +62,7 @@ RESUME_FREE_FIELDS = (
     "param_sharding",  # where the arrays live, not what they hold
     "fsdp_min_size",
     "remat",
+    "scan_blocks",  # the same weights, stacked; a resume converts them
 )
 RESUME_OPTIMISATION_FIELDS = (
     "train_epochs",
@@ -176,6 +177,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # (rematerialisation): only the blocks' inputs stay live, for about a third more compute. Same
     # results; for the largest models and batches per device.
     c.remat = False
+    # Each block group's repeated blocks as one scanned loop (models/resnet.py): the same results,
+    # weights stacked per group (checkpoints convert between the two layouts on load), and a
+    # compile several times faster for the deep models (R101/R152/R200).
+    c.scan_blocks = False
     # Disjoint shards the training data is read in, each with its own order and augmentation draws;
     # the global batch is their batches one after another. 0: one per process (what a multi-host
     # job needs). The data a run sees depends on this number alone, so a 2-process run's batches are

@@ -14,6 +14,7 @@ The official release selects variables by the substrings 'batch_normalization', 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -128,23 +129,55 @@ def lars(
     Per variable w with gradient g: g += wd * w where decayed; trust = eeta * ||w|| / ||g|| where
     adapted and both norms > 0, else 1; v = momentum * v + lr * trust * g; w -= v.
 
-    This is exactly `optax.lars` (checked against optax 0.2.8's source): it chains
-    add_decayed_weights -> masked scale_by_trust_ratio (norm of the *decayed* gradient, same
-    zero-norm fallback to 1, eps 0) -> scale by -lr(count) -> trace(momentum). optax's trace holds
-    -v, so updates and parameters agree term by term, including a learning rate that changes per
-    step, since lr multiplies the gradient before it enters the trace, as in the official code.
-    The same mask drives decay and trust ratio, as the official exclusion lists are the same.
+    This is `optax.lars`'s chain (checked against optax 0.2.8's source), with its state: it chains
+    add_decayed_weights -> masked trust ratio (norm of the *decayed* gradient, same zero-norm
+    fallback to 1, eps 0) -> scale by -lr(count) -> trace(momentum). optax's trace holds -v, so
+    updates and parameters agree term by term, including a learning rate that changes per step,
+    since lr multiplies the gradient before it enters the trace, as in the official code. The same
+    mask drives decay and trust ratio, as the official exclusion lists are the same.
+
+    The one change is ``layerwise_trust_ratio``: the weights of scanned blocks (``scan_blocks``)
+    are stacked, one block per row, and each row gets its own trust ratio, as the block's variable
+    does in the unrolled model. On an unstacked tree it is exactly ``optax.scale_by_trust_ratio``.
     """
-    return optax.lars(
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        weight_decay_mask=mask,
-        trust_coefficient=trust_coefficient,
-        eps=0.0,
-        trust_ratio_mask=mask,
-        momentum=momentum,
-        nesterov=False,
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=mask),
+        optax.masked(layerwise_trust_ratio(trust_coefficient=trust_coefficient), mask=mask),
+        optax.scale_by_learning_rate(learning_rate),
+        optax.trace(decay=momentum, nesterov=False),
     )
+
+
+def _stacked_path(names: tuple[str, ...]) -> bool:
+    return any(re.fullmatch(r"block_group\d+_scan", n) for n in names)
+
+
+def layerwise_trust_ratio(trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+    """LARS's trust ratio ``eeta * ||w|| / ||g||`` (1 where either norm is 0), per layer.
+
+    A leaf under a ``block_group{g}_scan`` module holds one block's variable per row (leading
+    axis), so its norms are taken per row; every other leaf is one layer, normed whole.
+    """
+
+    def update(updates, state, params):
+        if params is None:
+            raise ValueError("layerwise_trust_ratio needs the parameters")
+
+        def scale(path, g, w):
+            if _stacked_path(_path_names(path)) and w.ndim > 1:
+                # Summed over every axis but the rows' (no reshape: that would undo an fsdp split).
+                axes = tuple(range(1, w.ndim))
+                w_norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))
+                g_norm = jnp.sqrt(jnp.sum(jnp.square(g), axis=axes, keepdims=True))
+            else:
+                w_norm, g_norm = optax.safe_norm(w, 0.0), optax.safe_norm(g, 0.0)
+            ratio = trust_coefficient * w_norm / g_norm
+            ratio = jnp.where((w_norm == 0.0) | (g_norm == 0.0), jnp.array(1.0, dtype=w.dtype), ratio)
+            return g * ratio
+
+        return jax.tree_util.tree_map_with_path(scale, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def make_optimizer(

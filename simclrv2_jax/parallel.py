@@ -20,6 +20,7 @@ Parameters and optimiser state are laid out by ``param_sharding``:
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import jax
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from simclrv2_jax.fields import PARAM_SHARDINGS
 
 DATA_AXIS = "data"
+_STACKED = re.compile(r"block_group\d+_scan")
 
 
 def initialize_distributed() -> None:
@@ -154,17 +156,27 @@ def part_major(x, num_parts: int, groups: int):
     return x.reshape((groups, num_parts, n // groups) + rest).swapaxes(0, 1).reshape(x.shape)
 
 
-def fsdp_spec(shape: tuple[int, ...], devices: int, min_size: int) -> PartitionSpec:
+def fsdp_spec(shape: tuple[int, ...], devices: int, min_size: int, stacked: bool = False) -> PartitionSpec:
     """Where an array of ``shape`` is split under fsdp: its largest dimension that ``devices``
-    divides (the first such among equals), or nowhere when it is small or nothing divides."""
-    size = int(np.prod(shape)) if shape else 1
+    divides (the first such among equals), or nowhere when it is small or nothing divides.
+
+    ``stacked``: the leading axis indexes scanned blocks (``scan_blocks``): it is never split (the
+    loop takes one row per step), and the size rule applies to one row, as for an unrolled block.
+    """
+    first = 1 if stacked and len(shape) > 1 else 0
+    size = int(np.prod(shape[first:])) if shape else 1
     if devices <= 1 or size < min_size:
         return PartitionSpec()
-    dims = [d for d in range(len(shape)) if shape[d] % devices == 0]
+    dims = [d for d in range(first, len(shape)) if shape[d] % devices == 0]
     if not dims:
         return PartitionSpec()
     dim = max(dims, key=lambda d: (shape[d], -d))
     return PartitionSpec(*([None] * dim + [DATA_AXIS]))
+
+
+def is_stacked_path(path: tuple) -> bool:
+    """True for a leaf under a ``block_group{g}_scan`` module (one scanned block per row)."""
+    return any(_STACKED.fullmatch(str(getattr(k, "key", getattr(k, "name", k)))) for k in path)
 
 
 class ParamLayout:
@@ -183,13 +195,16 @@ class ParamLayout:
     def sharded(self) -> bool:
         return self.mode == "fsdp" and self.mesh.shape[DATA_AXIS] > 1
 
-    def sharding(self, shape: tuple[int, ...]) -> NamedSharding:
+    def sharding(self, shape: tuple[int, ...], stacked: bool = False) -> NamedSharding:
         if not self.sharded:
             return replicated(self.mesh)
-        return NamedSharding(self.mesh, fsdp_spec(tuple(shape), self.mesh.shape[DATA_AXIS], self.min_size))
+        spec = fsdp_spec(tuple(shape), self.mesh.shape[DATA_AXIS], self.min_size, stacked)
+        return NamedSharding(self.mesh, spec)
 
     def shardings(self, tree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda a: self.sharding(a.shape), tree)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: self.sharding(a.shape, is_stacked_path(path)), tree
+        )
 
     def state_shardings(self, abstract_state: Any) -> Any:
         """Shardings of a ``TrainState``: ``params``, ``opt_state`` and the memory network's weights
@@ -204,12 +219,57 @@ class ParamLayout:
             laid_out["memory"] = {**everything.memory, "params": self.shardings(memory["params"])}
         return everything.replace(**laid_out)
 
-    def gather(self, params: Any) -> Any:
-        """The whole parameters, on every device (inside a jitted step)."""
+    def gather(self, params: Any, keep_stacked: bool = False) -> Any:
+        """The whole parameters, on every device (inside a jitted step).
+
+        ``keep_stacked``: leave the scanned blocks' stacked weights split; the model gathers them one
+        block per loop step (``gather_rows``), so only one block's weights are whole at a time.
+        """
         if not self.sharded:
             return params
         rep = replicated(self.mesh)
-        return jax.tree_util.tree_map(lambda p: jax.lax.with_sharding_constraint(p, rep), params)
+
+        def gather_one(path, p):
+            if keep_stacked and is_stacked_path(path):
+                return p
+            return jax.lax.with_sharding_constraint(p, rep)
+
+        return jax.tree_util.tree_map_with_path(gather_one, params)
+
+    def gather_rows(self, tree: Any) -> Any:
+        """One scanned block's weights (rows of the stacks) made whole inside the loop; in the
+        backward pass their gradients are reduce-scattered back to the rows' split, in the loop too."""
+        if not self.sharded:
+            return tree
+        rep = replicated(self.mesh)
+
+        def gather_one(p):
+            split = self.sharding(p.shape)
+
+            @jax.custom_vjp
+            def whole(x):
+                return jax.lax.with_sharding_constraint(x, rep)
+
+            def forward(x):
+                return whole(x), None
+
+            def backward(_, g):
+                # Summed over the devices' examples, then split: a reduce-scatter (see ``scatter``).
+                return (jax.lax.with_sharding_constraint(jax.lax.with_sharding_constraint(g, rep), split),)
+
+            whole.defvjp(forward, backward)
+            return whole(p)
+
+        return jax.tree_util.tree_map(gather_one, tree)
+
+    def for_apply(self, model: Any, params: Any) -> tuple[Any, Any]:
+        """``(model, params)`` to apply inside a jitted step: the parameters gathered (``gather``),
+        except that a model with scanned blocks gathers their weights block by block itself."""
+        from simclrv2_jax.models import block_stack
+
+        if self.sharded and hasattr(model, "gather_blocks") and block_stack.is_stacked(params):
+            return model.clone(gather_blocks=self.gather_rows), self.gather(params, keep_stacked=True)
+        return model, self.gather(params)
 
     def scatter(self, grads: Any) -> Any:
         """Gradients in the parameters' layout: each device keeps the sum over the batch of its slice."""
@@ -217,7 +277,9 @@ class ParamLayout:
             return grads
         rep = replicated(self.mesh)
 
-        def scatter_one(g):
+        def scatter_one(path, g):
+            if is_stacked_path(path):  # already reduce-scattered row by row in the loop (gather_rows)
+                return jax.lax.with_sharding_constraint(g, self.sharding(g.shape, True))
             # First whole (each device's partial sum over its examples, summed over devices), then
             # split: XLA turns the pair into a reduce-scatter. Constrained straight to the split
             # layout, sharding propagation computes the weight gradient split by output channel
@@ -225,12 +287,12 @@ class ParamLayout:
             whole = jax.lax.with_sharding_constraint(g, rep)
             return jax.lax.with_sharding_constraint(whole, self.sharding(g.shape))
 
-        return jax.tree_util.tree_map(scatter_one, grads)
+        return jax.tree_util.tree_map_with_path(scatter_one, grads)
 
     def bytes_per_device(self, tree: Any) -> int:
         """Bytes one device holds of ``tree`` (abstract or concrete arrays) in this layout."""
         total = 0
-        for leaf in jax.tree_util.tree_leaves(tree):
-            shard = self.sharding(leaf.shape).shard_shape(tuple(leaf.shape))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            shard = self.sharding(leaf.shape, is_stacked_path(path)).shard_shape(tuple(leaf.shape))
             total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
         return total

@@ -54,6 +54,8 @@ class SimCLRModel(nn.Module):
     batch_norm_decay: float = BATCH_NORM_DECAY
     dtype: Any = jnp.float32
     remat: bool = False  # recompute each residual block in the backward pass (ResNet.remat)
+    scan_blocks: bool = False  # each group's repeated blocks as one scanned loop (ResNet.scan_blocks)
+    gather_blocks: Any = None  # ResNet.gather_blocks (set inside the train step under fsdp)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -71,6 +73,8 @@ class SimCLRModel(nn.Module):
             momentum=self.batch_norm_decay,
             dtype=self.dtype,
             remat=self.remat,
+            scan_blocks=self.scan_blocks,
+            gather_blocks=self.gather_blocks,
             name="backbone",
         )(images, train)
         outputs = dict(outputs)

@@ -40,6 +40,7 @@ def build_model(
         batch_norm_decay=config.batch_norm_decay,
         dtype=jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32,
         remat=bool(config.get("remat", False)),
+        scan_blocks=bool(config.get("scan_blocks", False)),
     )
     kwargs.update(overrides)
     return SimCLRModel(**kwargs)

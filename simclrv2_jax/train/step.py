@@ -70,8 +70,14 @@ def make_train_step(
             moved, keys = memory.advance(model, state.memory, state.params, images, gather=gather)
             batch = {**batch, "memory_queue": moved["queue"], "memory_valid": memory.valid(moved)}
 
+        applied = model
+        if layout is not None:
+            applied, params = layout.for_apply(model, state.params)
+        else:
+            params = state.params
+
         def objective(params):
-            outputs, updates = model.apply(
+            outputs, updates = applied.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 images,
                 train=True,
@@ -84,7 +90,6 @@ def make_train_step(
             metrics = {**metrics, "weight_decay_loss": wd_loss, "loss": loss + wd_loss}
             return loss + wd_loss, (updates["batch_stats"], metrics)
 
-        params = gather(state.params) if gather is not None else state.params
         grads, (batch_stats, metrics) = jax.grad(objective, has_aux=True)(params)
         if layout is not None:
             grads = layout.scatter(grads)
