@@ -31,8 +31,8 @@ from absl import logging
 from etils import epath
 
 from simclrv2_jax import optim, parallel
-from simclrv2_jax.models import block_stack
 from simclrv2_jax.fields import ARCH_FIELDS
+from simclrv2_jax.models import block_stack
 
 CHECKPOINT_SUBDIR = "checkpoints"
 SET_ASIDE_SUBDIR = "checkpoints_set_aside"
@@ -174,7 +174,9 @@ class Checkpointer:
         saved_tree = self._saved_tree(step)
         as_saved = block_stack.like(abstract_state, saved_tree)
         self._check_structure(step, saved_tree, as_saved)
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved)))
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(as_saved))
+        )
         state = restored["state"]
         if as_saved is not abstract_state:
             logging.info("Converting the checkpoint at %s to this run's block layout.", self.path(step))

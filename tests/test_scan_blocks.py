@@ -36,7 +36,10 @@ ARCH = dict(
 
 def _by_hand_tree():
     rng = np.random.default_rng(0)
-    block = lambda: {"conv_0": {"kernel": rng.normal(size=(1, 1, 4, 2))}, "bn_0": {"scale": rng.normal(size=2)}}
+    block = lambda: {
+        "conv_0": {"kernel": rng.normal(size=(1, 1, 4, 2))},
+        "bn_0": {"scale": rng.normal(size=2)},
+    }
     return {
         "stem": {"conv_0": {"kernel": rng.normal(size=(3, 3, 1, 4))}},
         "block_group1_0": block(),
@@ -55,7 +58,9 @@ def test_stack_and_unstack_by_hand():
     assert rows.shape == (3, 1, 1, 4, 2)
     for i in (1, 2, 3):  # block i is row i - 1
         np.testing.assert_array_equal(rows[i - 1], tree[f"block_group2_{i}"]["conv_0"]["kernel"])
-    np.testing.assert_array_equal(stacked["block_group2_0"]["bn_0"]["scale"], tree["block_group2_0"]["bn_0"]["scale"])
+    np.testing.assert_array_equal(
+        stacked["block_group2_0"]["bn_0"]["scale"], tree["block_group2_0"]["bn_0"]["scale"]
+    )
     assert block_stack.is_stacked(stacked) and not block_stack.is_stacked(tree)
     back = block_stack.unstack(stacked)
     assert flat(back).keys() == flat(tree).keys()
@@ -93,6 +98,7 @@ def test_scanned_model_computes_what_the_unrolled_one_does(remat):
     images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
     plain, scanned = SimCLRModel(**ARCH), SimCLRModel(**ARCH, scan_blocks=True, remat=remat)
     variables = _variables(plain, images)
+
     # BN scales and offsets moved off their initialisation (the last BN of each block starts at
     # gamma 0, which would hide the blocks' inner weights from the gradients).
     def perturb(path, x):
@@ -107,16 +113,25 @@ def test_scanned_model_computes_what_the_unrolled_one_does(remat):
     own = _variables(scanned, images)
     want_shapes = jax.tree_util.tree_map(np.shape, block_stack.stack(variables))
     assert jax.tree_util.tree_map(np.shape, own) == want_shapes
-    assert "block_group2_scan" in own["params"]["backbone"] and "block_group3_scan" not in own["params"]["backbone"]
+    assert (
+        "block_group2_scan" in own["params"]["backbone"]
+        and "block_group3_scan" not in own["params"]["backbone"]
+    )
 
     stacked = block_stack.stack(variables)
 
     def loss(model, params, variables):
-        out, updates = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
+        out, updates = model.apply(
+            {**variables, "params": params}, images, train=True, mutable=["batch_stats"]
+        )
         return jnp.sum(out["proj_head_output"] ** 2), (out, updates["batch_stats"])
 
-    (l0, (o0, s0)), g0 = jax.value_and_grad(lambda p: loss(plain, p, variables), has_aux=True)(variables["params"])
-    (l1, (o1, s1)), g1 = jax.value_and_grad(lambda p: loss(scanned, p, stacked), has_aux=True)(stacked["params"])
+    (l0, (o0, s0)), g0 = jax.value_and_grad(lambda p: loss(plain, p, variables), has_aux=True)(
+        variables["params"]
+    )
+    (l1, (o1, s1)), g1 = jax.value_and_grad(lambda p: loss(scanned, p, stacked), has_aux=True)(
+        stacked["params"]
+    )
     np.testing.assert_allclose(l1, l0, rtol=1e-5)
     # Float rounding only (XLA picks other conv loops inside a while loop): errors are compared
     # with each array's largest value.
@@ -202,7 +217,9 @@ def test_checkpoints_load_into_either_layout(pretrain_run):
     kw = dict(resnet_depth=config.resnet_depth, width_multiplier=config.width_multiplier, cifar_stem=True)
     kw.update(num_classes=10)
     kw.update(proj_out_dim=config.proj_out_dim, sk_ratio=config.sk_ratio)
-    target = jax.eval_shape(lambda: SimCLRModel(**kw, scan_blocks=True).init(jax.random.key(0), images, train=False))
+    target = jax.eval_shape(
+        lambda: SimCLRModel(**kw, scan_blocks=True).init(jax.random.key(0), images, train=False)
+    )
     target = {"params": target["params"], "batch_stats": target["batch_stats"]}
     mesh = parallel.create_mesh(1)
     loaded, step = checkpoints.load_variables(

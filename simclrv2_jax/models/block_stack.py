@@ -126,7 +126,7 @@ def _unstack_mapping(items: dict) -> dict:
 
 
 def stack(tree: Any) -> Any:
-    """``tree`` with every group's ``block_group{g}_{i}`` (i >= 1) entries stacked into ``block_group{g}_scan``."""
+    """``tree`` with each group's ``block_group{g}_{i}`` (i >= 1) stacked into ``block_group{g}_scan``."""
     return _map(tree, _stack_mapping)
 
 

@@ -10,6 +10,9 @@ take the ResNet-D shortcut when ``sk_ratio > 0``.
 for small test models); ``depth`` must then be the layer count ``3 * sum + 2`` (bottleneck) or
 ``2 * sum + 2`` (basic), which says the block kind. See ``block_layout``.
 
+``scan_blocks`` runs each group's blocks after the first as one ``nn.scan`` loop with stacked
+weights (``block_group{g}_scan``; ``models.block_stack`` converts to and from one entry per block).
+
 ``fine_tune_after_block = k`` (0 = stem, 1..4 = block groups) freezes everything up to and including
 part k: its output is wrapped in ``stop_gradient`` and its batch norms run in inference mode, so
 neither the weights nor the BN statistics move. ``-1`` trains everything.
