@@ -7,4 +7,7 @@ VENV="${SIMCLR_VENV:-.venv}"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
 export JAX_PLATFORMS=cpu
-exec "$VENV/bin/python" -m pytest -q "$@"
+# One pytest worker per core (pytest-xdist), whole test files per worker: the tests are mostly XLA
+# compiles, one core each, so two cores take about half the time. SIMCLR_TEST_WORKERS=0 runs them
+# in this process.
+exec "$VENV/bin/python" -m pytest -q -n "${SIMCLR_TEST_WORKERS:-auto}" --dist loadfile "$@"

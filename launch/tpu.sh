@@ -28,7 +28,7 @@
 # Settings (environment): TPU_NAME, ZONE (required); PROJECT; MODULE (simclrv2_jax.main, or
 # simclrv2_jax.run_all for the whole pipeline); REMOTE_DIR (simclrv2_jax); ACCELERATOR_TYPE (v4-8);
 # RUNTIME_VERSION (tpu-ubuntu2204-base); SPOT (1: spot capacity); QR_ID ($TPU_NAME-qr);
-# POLL_S (60); MAX_RESTARTS (20); WORKER (logs: all); LINES (logs: 100); FOLLOW (logs: 0); DRY_RUN.
+# POLL_S (60); MAX_RESTARTS (20); WORKER (logs: all); LOG_LINES (logs: 100); FOLLOW (logs: 0); DRY_RUN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -186,9 +186,9 @@ case "$command" in
     ;;
   logs)
     if [ "${FOLLOW:-0}" = 1 ]; then
-      on_workers "${WORKER:-0}" "tail -n ${LINES:-100} -F $LOGS/run.log"
+      on_workers "${WORKER:-0}" "tail -n ${LOG_LINES:-100} -F $LOGS/run.log"
     else
-      on_workers "${WORKER:-all}" "echo \"== \$(hostname)\"; tail -n ${LINES:-100} $LOGS/run.log"
+      on_workers "${WORKER:-all}" "echo \"== \$(hostname)\"; tail -n ${LOG_LINES:-100} $LOGS/run.log"
     fi
     ;;
   stop)

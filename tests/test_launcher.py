@@ -57,6 +57,7 @@ def fake(tmp_path):
         ZONE="us-central2-b",
         PROJECT="proj",
         POLL_S="0",
+        LINES="24",  # a terminal's height, as interactive shells export it: not the log length
     )
     env.pop("DRY_RUN", None)
     env.pop("KEEP_ALIVE", None)
