@@ -204,6 +204,15 @@ def flat(tree):
     }
 
 
+def assert_states_close(state, reference, *, rtol, atol, parts=("params", "batch_stats", "opt_state")):
+    """Every leaf of ``parts`` of two TrainStates allclose, and the same leaves on both sides."""
+    for part in parts:
+        got, want = flat(getattr(state, part)), flat(getattr(reference, part))
+        assert got.keys() == want.keys(), part
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=rtol, atol=atol, err_msg=f"{part}{k}")
+
+
 MARKER = -3.25  # exactly representable; no trained or initialised weight equals it everywhere
 
 

@@ -6,7 +6,7 @@ The reference is the replicated run of the shared ``pretrain_run`` fixture (8 de
 import jax
 import numpy as np
 import pytest
-from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, tiny
+from fakedata import PRETRAIN_STEPS, assert_states_close, flat, read_checkpoint, tiny
 from jax.sharding import PartitionSpec as P
 from test_resume import raise_at, saved_steps
 
@@ -99,12 +99,7 @@ def test_fsdp_equals_replicated_and_splits_the_state(fake_data_dir, tmp_path, pr
 
     # The same numbers as the replicated run, to float rounding (the sums over devices are
     # reduce-scatters here, all-reduces there).
-    reference = pretrain_run["results"]["state"]
-    for part in ("params", "batch_stats", "opt_state"):
-        got, want = flat(getattr(results["state"], part)), flat(getattr(reference, part))
-        assert got.keys() == want.keys()
-        for k in want:
-            np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=2e-6, err_msg=f"{part}{k}")
+    assert_states_close(results["state"], pretrain_run["results"]["state"], rtol=2e-4, atol=2e-6)
     assert results["final_step"] == N
 
 
@@ -139,8 +134,4 @@ def test_checkpoints_cross_layouts_and_device_counts(fake_data_dir, tmp_path, pr
     assert [s for s, _ in seen_layouts] == [3, 4, 5, 6]
     assert [n for _, n in seen_layouts] == [4, 4, 2, 2]
     assert results["final_step"] == N
-    reference = pretrain_run["results"]["state"]
-    for part in ("params", "batch_stats", "opt_state"):
-        got, want = flat(getattr(results["state"], part)), flat(getattr(reference, part))
-        for k in want:
-            np.testing.assert_allclose(got[k], want[k], rtol=1e-3, atol=1e-5, err_msg=f"{part}{k}")
+    assert_states_close(results["state"], pretrain_run["results"]["state"], rtol=1e-3, atol=1e-5)
