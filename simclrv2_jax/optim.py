@@ -14,7 +14,6 @@ The official release selects variables by the substrings 'batch_normalization', 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from simclrv2_jax.fields import LR_SCALINGS, OPTIMIZERS
+from simclrv2_jax.models.block_stack import is_stacked_path
 
 PyTree = Any
 SUPERVISED_HEAD = "head_supervised"
@@ -148,10 +148,6 @@ def lars(
     )
 
 
-def _stacked_path(names: tuple[str, ...]) -> bool:
-    return any(re.fullmatch(r"block_group\d+_scan", n) for n in names)
-
-
 def layerwise_trust_ratio(trust_coefficient: float = 0.001) -> optax.GradientTransformation:
     """LARS's trust ratio ``eeta * ||w|| / ||g||`` (1 where either norm is 0), per layer.
 
@@ -164,7 +160,7 @@ def layerwise_trust_ratio(trust_coefficient: float = 0.001) -> optax.GradientTra
             raise ValueError("layerwise_trust_ratio needs the parameters")
 
         def scale(path, g, w):
-            if _stacked_path(_path_names(path)) and w.ndim > 1:
+            if is_stacked_path(path) and w.ndim > 1:
                 # Summed over every axis but the rows' (no reshape: that would undo an fsdp split).
                 axes = tuple(range(1, w.ndim))
                 w_norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=axes, keepdims=True))

@@ -20,7 +20,6 @@ Parameters and optimiser state are laid out by ``param_sharding``:
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import jax
@@ -29,9 +28,10 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from simclrv2_jax.fields import PARAM_SHARDINGS
+from simclrv2_jax.models import block_stack
+from simclrv2_jax.models.block_stack import is_stacked_path
 
 DATA_AXIS = "data"
-_STACKED = re.compile(r"block_group\d+_scan")
 
 
 def initialize_distributed() -> None:
@@ -174,11 +174,6 @@ def fsdp_spec(shape: tuple[int, ...], devices: int, min_size: int, stacked: bool
     return PartitionSpec(*([None] * dim + [DATA_AXIS]))
 
 
-def is_stacked_path(path: tuple) -> bool:
-    """True for a leaf under a ``block_group{g}_scan`` module (one scanned block per row)."""
-    return any(_STACKED.fullmatch(str(getattr(k, "key", getattr(k, "name", k)))) for k in path)
-
-
 class ParamLayout:
     """Where the parameters live between steps, and how the step gathers and scatters them.
 
@@ -265,8 +260,6 @@ class ParamLayout:
     def for_apply(self, model: Any, params: Any) -> tuple[Any, Any]:
         """``(model, params)`` to apply inside a jitted step: the parameters gathered (``gather``),
         except that a model with scanned blocks gathers their weights block by block itself."""
-        from simclrv2_jax.models import block_stack
-
         if self.sharded and hasattr(model, "gather_blocks") and block_stack.is_stacked(params):
             return model.clone(gather_blocks=self.gather_rows), self.gather(params, keep_stacked=True)
         return model, self.gather(params)

@@ -135,6 +135,11 @@ def unstack(tree: Any) -> Any:
     return _map(tree, _unstack_mapping)
 
 
+def is_stacked_path(path: tuple) -> bool:
+    """True for a leaf (given by its jax key path) under a ``block_group{g}_scan`` entry."""
+    return any(_STACKED.match(str(getattr(k, "key", getattr(k, "name", k)))) for k in path)
+
+
 def is_stacked(tree: Any) -> bool:
     """True if any mapping in ``tree`` has a ``block_group{g}_scan`` entry."""
     found = []
