@@ -14,8 +14,6 @@ donated arguments, and temporaries (activations, gradients, workspace). Peak = a
 The devices are virtual CPU devices (``--xla_force_host_platform_device_count``), so the figures
 come from XLA's CPU compiler: its buffer assignment, not a TPU's. The parameter and optimiser bytes
 are exact for any backend; the temporaries are indicative (a TPU's fusion and layouts differ).
-The CPU convolution paths are XLA's own (``SIMCLR_FAST_CPU_CONV=0``): the benchmark measures
-memory, and the CPU conv autotuner would time full-size layers.
 
 Writes ``benchmarks/results/memory.json``.
 """
@@ -49,7 +47,6 @@ def _setup_environment(devices: int) -> None:
         flags + fast_compile + memory_scheduler + [f"--xla_force_host_platform_device_count={devices}"]
     )
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["SIMCLR_FAST_CPU_CONV"] = "0"
 
 
 def measure(

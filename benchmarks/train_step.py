@@ -8,9 +8,7 @@
 Writes ``benchmarks/results/train_step_<stage>_<preset>.json`` with compile time, seconds per step
 (median of ``--steps``), images/s (counting both views in pretraining), the model FLOPs of one step
 (XLA's cost analysis of the compiled step) and MFU against the device's dense peak where it is known,
-the PyTorch peer's figures when asked, and the machine. Run it with
-``SIMCLR_FAST_CPU_CONV=0`` to measure XLA's own convolution path on the CPU for comparison
-(``benchmarks/cpu_conv_modes.py`` runs every path, natively and with AVX2 emulated).
+the PyTorch peer's figures when asked, and the machine.
 
 When the stage augments on the device (the default on accelerators and for in-memory data), the
 batch is raw uint8 images and the augmentation is part of the timed step. ``--no_guard`` replaces
@@ -109,14 +107,6 @@ def run_torch_peer(script: str, batch: int, kinds: list[str]) -> dict:
     return results
 
 
-def _conv_mode() -> str:
-    if jax.default_backend() != "cpu":
-        return "not the CPU"
-    from simclrv2_jax.models import conv
-
-    return conv.cpu_conv_mode()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"])
@@ -200,7 +190,6 @@ def main() -> None:
         "dtype": args.dtype,
         "model": {k: config[k] for k in fields.ARCH_FIELDS},
         "image_size": config.image_size,
-        "cpu_conv_mode": _conv_mode(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "augment_on_device": task.augment_on_device,
         "finite_state_guard": not args.no_guard,

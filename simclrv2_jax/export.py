@@ -32,8 +32,7 @@ How. The Flax model is converted with ``jax.experimental.jax2tf`` (native serial
 StableHLO of ``model.apply`` is embedded and run by TensorFlow's XLA), with the parameters and
 statistics passed as arguments that the ``tf.function`` reads from its variables; the batch size
 (and with ``--image_size=0`` the height and width) are symbolic dimensions. The program is lowered
-for the CPU, CUDA GPUs and TPUs (``--platforms``), with plain XLA convolutions (not
-``models.conv``'s CPU training paths), on a single device with no sharding: per-device batch norm
+for the CPU, CUDA GPUs and TPUs (``--platforms``), on a single device with no sharding: per-device batch norm
 (``global_bn=False``) becomes batch norm over the whole call's batch, as in the release. It computes
 in float32 whatever ``compute_dtype`` the run trained with, because the release's outputs are float32.
 
@@ -55,11 +54,9 @@ stage, head mode, input shape, outputs, the config).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,23 +228,6 @@ def named_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v.astype(jnp.float32) for k, v in outputs.items() if k not in _NOT_EXPORTED}
 
 
-@contextlib.contextmanager
-def _portable_convolutions() -> Iterator[None]:
-    """Plain XLA convolutions while tracing (``models.conv``'s CPU-specific backward passes are
-    chosen from static shapes and for the CPU only; the exported program must run anywhere)."""
-    from simclrv2_jax.models import conv
-
-    previous = os.environ.get(conv.ENV_VAR)
-    os.environ[conv.ENV_VAR] = "0"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(conv.ENV_VAR, None)
-        else:
-            os.environ[conv.ENV_VAR] = previous
-
-
 def _variable_name(path: tuple[Any, ...], collection: str) -> str:
     return "/".join([collection, *(str(getattr(k, "key", k)) for k in path)])
 
@@ -273,8 +253,7 @@ def build_module(
     run: LoadedRun, *, image_size: int | None = None, platforms: tuple[str, ...] = DEFAULT_PLATFORMS
 ):
     """The ``tf.Module`` that is saved: the variables, and ``__call__(inputs, trainable)`` traced for
-    both values of ``trainable`` on images of ``input_spec``. Call it inside ``_portable_convolutions``
-    (saving traces again)."""
+    both values of ``trainable`` on images of ``input_spec``."""
     import tensorflow as tf
     from jax.experimental import jax2tf
 
@@ -371,15 +350,14 @@ def export_saved_model(
     partial = f"{out_path}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        with _portable_convolutions():
-            module = build_module(run, image_size=image_size, platforms=tuple(platforms))
-            tf.saved_model.save(
-                module,
-                partial,
-                options=tf.saved_model.SaveOptions(experimental_custom_gradients=side is not None),
-            )
-            spec = input_spec(run, image_size)
-            outputs = module.__call__.get_concrete_function(spec, False).structured_outputs
+        module = build_module(run, image_size=image_size, platforms=tuple(platforms))
+        tf.saved_model.save(
+            module,
+            partial,
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=side is not None),
+        )
+        spec = input_spec(run, image_size)
+        outputs = module.__call__.get_concrete_function(spec, False).structured_outputs
         info = {
             "workdir": _absolute(workdir),
             "checkpoint": run.checkpoint,

@@ -32,12 +32,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_and_read_disjoint_shards(
-    tmp_path, fake_data_dir, jax_compile_cache, monkeypatch
-):
-    # Processes of one job never measure conv paths (models/conv.py): each would pick its own, and
-    # different programs would pair their collectives wrongly. The reference takes the same rules.
-    monkeypatch.setenv("SIMCLR_FAST_CPU_CONV", "heuristic")
+def test_two_processes_equal_one_and_read_disjoint_shards(tmp_path, fake_data_dir, jax_compile_cache):
     workdir = str(tmp_path / "two_processes")
     port = _free_port()
     procs, outs = [], []

@@ -71,9 +71,8 @@ def executed(tmp_path_factory, fake_data_dir, jax_compile_cache):
     env = subprocess_env(jax_compile_cache)
     env.update(
         # One CPU device and XLA's quick CPU code generation: compiling is nearly all of the time of
-        # 3-step stages. Sharding and the CPU convolution paths are tested elsewhere.
+        # 3-step stages. Sharding is tested elsewhere.
         XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-        SIMCLR_FAST_CPU_CONV="0",
         MPLBACKEND="module://matplotlib_inline.backend_inline",
         SIMCLR_NOTEBOOK_SMALL="1",
         SIMCLR_NOTEBOOK_DATA_DIR=str(fake_data_dir),

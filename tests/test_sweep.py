@@ -521,7 +521,6 @@ def test_command_line_sweep_trains_and_resumes(tmp_path, fake_data_dir, jax_comp
     env = dict(
         subprocess_env(jax_compile_cache),
         XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        SIMCLR_FAST_CPU_CONV="0",  # XLA's own convolutions: nothing is measured
     )
 
     def run():

@@ -24,8 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
-from simclrv2_jax.models.conv import conv2d
+from jax import lax
 
 BATCH_NORM_DECAY = 0.9
 BATCH_NORM_EPSILON = 1e-5
@@ -58,11 +57,12 @@ class Conv(nn.Module):
             padding: Any = (pad, pad)
         else:
             padding = "SAME"
-        return conv2d(
+        return lax.conv_general_dilated(
             x.astype(self.dtype),
             kernel.astype(self.dtype),
-            strides=(self.strides, self.strides),
+            window_strides=(self.strides, self.strides),
             padding=padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
 
 
