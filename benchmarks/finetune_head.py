@@ -17,7 +17,7 @@ import os
 import statistics
 
 from benchmarks import common
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
 

@@ -176,7 +176,7 @@ def end_to_end(steps: int, data_dir: str) -> dict:
     import shutil
     import tempfile
 
-    from simclrv2_jax.fields import get_config
+    from simclrv2_jax.config import get_config
     from simclrv2_jax.train import train_stage
 
     rates = {}

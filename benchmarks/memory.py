@@ -63,10 +63,10 @@ def measure(
     import numpy as np
 
     from benchmarks.train_step import synthetic_source
-    from simclrv2_jax import fields, parallel
-    from simclrv2_jax.train import pretrain
+    from simclrv2_jax import config as config_lib
+    from simclrv2_jax.train import parallel, pretrain
 
-    config = fields.get_config("pretrain", f"imagenet,{model}")
+    config = config_lib.get_config("pretrain", f"imagenet,{model}")
     config.image_size = image_size
     config.train_batch_size = per_device_batch * devices
     config.compute_dtype = dtype

@@ -25,7 +25,7 @@ import statistics
 import time
 
 from benchmarks import common
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
 

@@ -24,8 +24,8 @@ import shutil
 
 import jax
 
-from simclrv2_jax.fields import get_config
-from simclrv2_jax.run_all import PIPELINE_STAGES, run_pipeline, stage_configs
+from simclrv2_jax.config import get_config
+from simclrv2_jax.train.pipeline import PIPELINE_STAGES, run_pipeline, stage_configs
 
 STAGES = list(PIPELINE_STAGES)
 

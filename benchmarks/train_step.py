@@ -29,9 +29,10 @@ import jax
 import numpy as np
 
 from benchmarks.input_pipeline import cpu_info
-from simclrv2_jax import fields, parallel
+from simclrv2_jax import config as config_lib
+from simclrv2_jax.config import fields
 from simclrv2_jax.data.sources import InMemorySource
-from simclrv2_jax.train import STAGE_MODULES
+from simclrv2_jax.train import STAGE_MODULES, parallel
 
 
 def synthetic_source(config, num_classes: int = 10) -> InMemorySource:
@@ -137,7 +138,7 @@ def main() -> None:
 
     import importlib
 
-    config = fields.get_config(args.stage, args.preset)
+    config = config_lib.get_config(args.stage, args.preset)
     config.train_batch_size = args.batch
     config.compute_dtype = args.dtype
     config.train_steps = 1000

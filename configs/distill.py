@@ -1,73 +1,19 @@
 """Distillation configs: ``--config=configs/distill.py:imagenet,r50_1x_sk0 --config.teacher_checkpoint=DIR``.
 
-Presets: ``imagenet``, ``cifar10``, ``fashion_mnist`` (default), then optionally a model preset for
-the student (``imagenet,r50_1x_sk0`` distils a bigger teacher into an R50).
+The stage's fields, defaults and presets live in the package (``simclrv2_jax/config/distill.py``, which
+lists the presets), so an installed package works without this file. Your own presets go here: build
+on the package's config and change what you need, e.g.
 
-The paper distils for 400 epochs on all ImageNet training images with crop + flip, temperature 1
-(their best setting) and the teacher's labels only (``alpha = 0``). The student's architecture is the
-config's model fields (a preset token picks it); the teacher's comes from the config saved beside
-``teacher_checkpoint``. ``init_student_from_teacher`` starts a same-size student from the teacher
-(self-distillation). The optimiser settings follow pretraining's LARS recipe, which the paper reuses.
+    def get_config(arg=None):
+        if arg == "imagenet_short":
+            c = distill.get_config("imagenet")
+            c.train_epochs = 100
+            return c
+        return distill.get_config(arg)
 """
 
-from __future__ import annotations
-
-import ml_collections
-
-from simclrv2_jax import fields
+from simclrv2_jax.config import distill
 
 
-def imagenet(c: ml_collections.ConfigDict) -> None:
-    fields.apply_dataset(c, "imagenet")
-    fields.apply_model_preset(c, "r50_1x_sk0")
-    c.train_batch_size = 4096
-    c.train_epochs = 400
-    c.learning_rate = 0.1
-    c.learning_rate_scaling = "sqrt"
-    c.warmup_epochs = 5.0
-    c.weight_decay = 1e-4
-    c.label_fraction = 0.01
-    c.checkpoint_steps = 5000
-
-
-def cifar10(c: ml_collections.ConfigDict) -> None:
-    fields.apply_dataset(c, "cifar10")
-    fields.apply_model_preset(c, "r18_1x")
-    c.train_batch_size = 512
-    c.train_epochs = 100
-    c.learning_rate = 1.0
-    c.learning_rate_scaling = "linear"
-    c.warmup_epochs = 5.0
-    c.weight_decay = 1e-4
-    c.label_fraction = 0.1
-
-
-def fashion_mnist(c: ml_collections.ConfigDict) -> None:
-    fields.apply_dataset(c, "fashion_mnist")
-    fields.apply_model_preset(c, "r18_0.25x")
-    c.train_batch_size = 256
-    # One pass over the 60,000 unlabeled images fits the CPU budget; from random weights a student
-    # needs several to overtake its teacher, so this preset starts it from the teacher
-    # (self-distillation) and refines it on the teacher's soft labels.
-    c.train_epochs = 1.0
-    c.init_student_from_teacher = True
-    c.ft_proj_selector = 1
-    c.learning_rate = 0.5
-    c.learning_rate_scaling = "linear"
-    c.warmup_epochs = 0.1
-    c.weight_decay = 1e-4
-    c.label_fraction = 0.01
-
-
-DATASET_PRESETS = {"imagenet": imagenet, "cifar10": cifar10, "fashion_mnist": fashion_mnist}
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    c = fields.base_config("distill")
-    fields.add_finetune_fields(c)
-    c.teacher_checkpoint = ""
-    c.temperature = 1.0
-    c.alpha = 0.0
-    c.init_student_from_teacher = False
-    fields.parse_preset_arg(arg, DATASET_PRESETS, "fashion_mnist", c)
-    return c
+def get_config(arg: str | None = None):
+    return distill.get_config(arg)

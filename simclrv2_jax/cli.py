@@ -1,10 +1,10 @@
-"""Command-line plumbing shared by ``main`` and ``pipeline``: logging set-up and flag errors."""
+"""What the commands share: logging set-up, one-line flag errors, start-up, user errors as exit codes."""
 
 from __future__ import annotations
 
 import logging as logging_std
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import flags, logging
@@ -33,7 +33,7 @@ def configure_logging() -> None:
 COMMAND_LINE_ERRORS = (AttributeError, KeyError, TypeError, ValueError, flags.Error)
 
 
-def _unknown_field(error: BaseException) -> str:
+def unknown_field(error: BaseException) -> str:
     """``'nosuch'`` out of ml_collections' nested ``AttributeError(KeyError("'nosuch'"))``, its
     "Did you mean" suggestion (after a newline) kept on the same line."""
     while error.args and isinstance(error.args[0], BaseException):
@@ -63,7 +63,7 @@ def bad_command_line_message(error: BaseException, argv: Sequence[str]) -> str:
             + [line for line in text.splitlines() if line.strip()][-1].strip()
         )
     what = (
-        f"unknown config field {_unknown_field(error)}"
+        f"unknown config field {unknown_field(error)}"
         if isinstance(error, (AttributeError, KeyError))
         else " ".join(text.split())
     )
@@ -101,17 +101,21 @@ def config_value(holder: flags.FlagHolder, name: str = "config"):
         sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with an unknown or mistyped config override reported in one line."""
+def parse_flags(argv: list[str], message: Callable[[BaseException], str] | None = None) -> list[str]:
+    """absl flag parsing, with an unknown or mistyped config override reported in one line
+    (``message(error)``, by default ``bad_command_line_message``) and exit code 2."""
     try:
         return flags.FLAGS(argv)
     except COMMAND_LINE_ERRORS as e:
-        exit_bad_command_line(e, argv)
+        if message is None:
+            exit_bad_command_line(e, argv)
+        print(message(e), file=sys.stderr)
+        sys.exit(2)
 
 
 def start_up() -> None:
     """What every command does first: logging, TF kept off accelerators, joining a multi-host job."""
-    from simclrv2_jax import parallel
+    from simclrv2_jax.train import parallel
 
     configure_logging()
     parallel.initialize_distributed()

@@ -1,158 +1,67 @@
-"""A trained or converted model at work, outside the training loop (the Colab notebook's tools).
+"""A trained or converted model at work: predictions, nearest neighbours and k-NN accuracy of a run.
 
-* ``model_inputs``: images as the model sees them at evaluation (``device_augment.preprocess_for_eval``:
-  float32 in [0, 1], three channels, the 87.5% centre crop above 32 px, bicubic resize).
-* ``infer``: one of the model's named outputs (``final_avg_pool`` = the representation h,
-  ``logits_sup``, ...) in inference mode, in fixed-size batches, so one program serves any count;
-  raw images are turned into the evaluation view in the same program.
-* ``nearest_neighbours`` and ``knn_accuracy``: cosine similarity of representations; the k-NN
-  classifier takes the majority label of the k most similar training examples.
-* ``top_k``: the most likely classes of logits, with their softmax probabilities.
-* ``path_readable``: whether a (possibly remote, ``gs://``) path can be read, given a time limit, so
-  that a notebook can fall back to local files instead of hanging without network.
+    python -m simclrv2_jax.explore --workdir=RUN                       # the latest checkpoint
+    python -m simclrv2_jax.explore --workdir=RUN --num_images=4 --neighbours=8 --bank_size=20000
 
-Models are those of ``export.load_run(workdir)`` (a run's checkpoint) or ``convert.load_official``
-(a published checkpoint): ``model.apply(variables, images, train=False)``.
+For the first ``--num_images`` images of the evaluation split it prints the true class, the top-5
+classes of the supervised head with their probabilities (where the network has one) and the classes
+of the ``--neighbours`` most similar training images in the representation h (``final_avg_pool``),
+then the k-NN accuracy of h over the whole split against a bank of ``--bank_size`` training images
+(k = ``--knn_k``, majority vote). Classes are printed by name where the data set has names. The data
+fields can be set as for ``evaluate`` (``--config.dataset``, ``--config.data_dir``, ...). See
+``simclrv2_jax.evaluation.explore`` for the functions, which the Colab notebook uses too.
 """
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+import os
+import sys
 
-import jax
-import numpy as np
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from simclrv2_jax.data import device_augment
+from absl import app, flags
+from ml_collections import config_flags
 
+from simclrv2_jax.cli import COMMAND_LINE_ERRORS, parse_flags
+from simclrv2_jax.evaluation.evaluator import bad_override_message, override_fields
 
-def _three_channels(images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[..., None]
-    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
-
-
-def model_inputs(images: np.ndarray, image_size: int) -> np.ndarray:
-    """Images (uint8 ``[N, H, W]`` or ``[N, H, W, C]``, or float in [0, 1]) as the evaluation view:
-    float32 ``[N, image_size, image_size, 3]`` in [0, 1]; one channel is tiled to three."""
-    out = device_augment.preprocess_for_eval(_three_channels(images), height=image_size, width=image_size)
-    return np.asarray(out, np.float32)
-
-
-def infer(
-    model: Any,
-    variables: Any,
-    images: np.ndarray,
-    output: str = "final_avg_pool",
-    *,
-    image_size: int | None = None,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """``model.apply(variables, images, train=False)[output]`` over all images, ``batch_size`` at a time.
-
-    ``images`` are the model's inputs (float32 in [0, 1]) or, with ``image_size``, raw images that
-    each batch turns into the evaluation view first (``model_inputs``, inside the compiled program).
-    The last batch is padded, so that every batch runs the one compiled program; batch norm in
-    inference mode makes each row independent of the others.
-    """
-    images = _three_channels(images) if image_size else np.asarray(images, np.float32)
-    batch_size = max(1, min(batch_size, len(images)))
-
-    def apply(v, x):
-        if image_size:
-            x = device_augment.preprocess_for_eval(x, height=image_size, width=image_size)
-        return model.apply(v, x, train=False)[output]
-
-    apply = jax.jit(apply)
-    parts = []
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        real = len(batch)
-        if real < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - real, *batch.shape[1:]), batch.dtype)])
-        parts.append(np.asarray(apply(variables, batch))[:real])
-    return np.concatenate(parts)
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run (or a converted checkpoint's workdir).")
+_STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Evaluation images to show.")
+_NEIGHBOURS = flags.DEFINE_integer("neighbours", 5, "Nearest training images shown per image.")
+_KNN_K = flags.DEFINE_integer("knn_k", 20, "Neighbours that vote in the k-NN accuracy.")
+_BANK = flags.DEFINE_integer("bank_size", 10000, "Training images in the neighbour bank (0: all).")
+try:  # a config_dict flag reads its overrides from sys.argv when it is defined
+    _CONFIG = config_flags.DEFINE_config_dict("config", override_fields(), "Data settings, as for evaluate.")
+except COMMAND_LINE_ERRORS as e:
+    print(bad_override_message(e), file=sys.stderr)
+    sys.exit(2)
+flags.mark_flags_as_required(["workdir"])
 
 
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    from simclrv2_jax.cli import run_reporting_user_errors, start_up
+    from simclrv2_jax.evaluation.explore import explore_run
+
+    start_up()
+    overrides = {k: v for k, v in _CONFIG.value.items() if v is not None}
+    code, report = run_reporting_user_errors(
+        lambda: explore_run(
+            _WORKDIR.value,
+            step=_STEP.value,
+            overrides=overrides,
+            num_images=_NUM_IMAGES.value,
+            neighbours=_NEIGHBOURS.value,
+            knn_k=_KNN_K.value,
+            bank_size=_BANK.value,
+        )
+    )
+    if code == 0:
+        print(report)
+    return code
 
 
-def nearest_neighbours(
-    queries: np.ndarray, keys: np.ndarray, k: int, chunk: int = 1024
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, similarities)``, each ``[Q, k]``: the ``k`` keys most cosine-similar to each query,
-    most similar first. Queries are taken ``chunk`` at a time, so memory stays ``chunk x len(keys)``."""
-    if not 1 <= k <= len(keys):
-        raise ValueError(f"k={k} must be between 1 and the number of keys ({len(keys)}).")
-    keys = _unit_rows(keys)
-    indices, similarities = [], []
-    for start in range(0, len(queries), chunk):
-        sims = _unit_rows(queries[start : start + chunk]) @ keys.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        indices.append(top)
-        similarities.append(np.take_along_axis(sims, top, axis=1))
-    return np.concatenate(indices), np.concatenate(similarities)
-
-
-def knn_predict(
-    train_embeddings: np.ndarray, train_labels: np.ndarray, test_embeddings: np.ndarray, k: int
-) -> np.ndarray:
-    """The majority label of each test example's ``k`` most cosine-similar training examples; a tie
-    goes to the tied label of the most similar neighbour."""
-    indices, _ = nearest_neighbours(test_embeddings, train_embeddings, k)
-    labels = np.asarray(train_labels)[indices]  # [N, k], nearest first
-    votes = (labels[:, :, None] == labels[:, None, :]).sum(axis=-1)  # votes for neighbour j's label
-    first_winner = np.argmax(votes == votes.max(axis=1, keepdims=True), axis=1)
-    return labels[np.arange(len(labels)), first_winner]
-
-
-def knn_accuracy(
-    train_embeddings: np.ndarray,
-    train_labels: np.ndarray,
-    test_embeddings: np.ndarray,
-    test_labels: np.ndarray,
-    k: int,
-) -> float:
-    """Top-1 accuracy of ``knn_predict`` on the test examples."""
-    predictions = knn_predict(train_embeddings, train_labels, test_embeddings, k)
-    return float(np.mean(predictions == np.asarray(test_labels)))
-
-
-def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """``(classes, probabilities)``, each ``[N, k]``: the ``k`` largest logits' classes, most likely
-    first, and their softmax probabilities."""
-    logits = np.asarray(logits, np.float64)
-    classes = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-    return classes, np.take_along_axis(probabilities, classes, axis=-1)
-
-
-def path_readable(path: str, timeout_s: float = 20.0, exists=None) -> bool:
-    """Whether ``path`` exists and can be read (``tf.io.gfile.exists``), answered within ``timeout_s``.
-
-    A remote path (``gs://...``) without network, or without a way to authenticate, can make the
-    file system retry for minutes; the check runs in a daemon thread and counts as "no" when it has
-    not answered in time, or raised. ``exists`` replaces ``tf.io.gfile.exists`` (tests).
-    """
-    if exists is None:
-        from simclrv2_jax.data.tf_cpu import tf
-
-        exists = tf.io.gfile.exists
-    answer: list[bool] = []
-
-    def check() -> None:
-        try:
-            answer.append(bool(exists(path)))
-        except Exception:  # any failure to read is a "no"; the caller falls back
-            answer.append(False)
-
-    thread = threading.Thread(target=check, name="path_readable", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(answer and answer[0])
+if __name__ == "__main__":
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, bad_override_message))

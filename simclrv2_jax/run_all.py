@@ -18,22 +18,18 @@ test accuracy of each stage) are written to the workdir.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
-from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
+from absl import app, flags
+from ml_collections import config_flags
 
-from simclrv2_jax.cli import COMMAND_LINE_ERRORS, config_value, exit_bad_command_line
-from simclrv2_jax.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS, config_file
-from simclrv2_jax.workdir import finished_results
+from simclrv2_jax.cli import COMMAND_LINE_ERRORS, config_value, exit_bad_command_line, parse_flags
+from simclrv2_jax.config import stage_config_file
+from simclrv2_jax.train.pipeline import PIPELINE_STAGES, run_pipeline, stage_configs
 
-PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
 # Each pipeline stage's config flag: (config file, default presets, help).
 _CONFIG_FLAGS = {
     "pretrain": ("pretrain", "fashion_mnist", "Pretraining config."),
@@ -47,82 +43,18 @@ _CONFIG_FLAGS = {
 }
 try:
     _CONFIGS = {
-        name: config_flags.DEFINE_config_file(name, f"{config_file(stage)}:{presets}", doc, lock_config=True)
+        name: config_flags.DEFINE_config_file(
+            name, f"{stage_config_file(stage)}:{presets}", doc, lock_config=True
+        )
         for name, (stage, presets, doc) in _CONFIG_FLAGS.items()
     }
 except COMMAND_LINE_ERRORS as e:
     # A flag with a default config applies its overrides (--pretrain.*) from sys.argv as it is defined,
-    # so an unknown field fails here, at import, not in parse_flags. Run as a command, that is the same
-    # one-line error as parse_flags gives; imported as a library, the caller gets the exception.
-    if __name__ != "__main__":
-        raise
+    # so an unknown field fails here, at import, not in parse_flags: the same one-line error.
     exit_bad_command_line(e, sys.argv)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline directory (one sub-folder per stage).")
 _STAGES = flags.DEFINE_list("stages", list(PIPELINE_STAGES), "Stages to run, in this order.")
 flags.mark_flag_as_required("workdir")
-
-
-def stage_configs(
-    pretrain: ConfigDict, finetune: ConfigDict, distill: ConfigDict, baseline: ConfigDict, workdir: str
-) -> dict[str, ConfigDict]:
-    """Wires the stages together: shared data, inherited architecture, checkpoints, labels."""
-    configs = {"pretrain": pretrain, "finetune": finetune, "distill": distill, "baseline": baseline}
-    configs = {k: v.copy_and_resolve_references() for k, v in configs.items()}
-    for name in ("finetune", "distill", "baseline"):
-        for field in SHARED_DATA_FIELDS:
-            configs[name][field] = configs["pretrain"][field]
-    for field in ARCH_FIELDS:
-        configs["finetune"][field] = configs["pretrain"][field]
-        configs["baseline"][field] = configs["pretrain"][field]
-    if configs["distill"].init_student_from_teacher:
-        # A student that starts from the teacher's weights has the teacher's architecture.
-        for field in ARCH_FIELDS + ("ft_proj_selector",):
-            configs["distill"][field] = configs["finetune"][field]
-    for field in LABEL_FIELDS:
-        configs["distill"][field] = configs["finetune"][field]
-        configs["baseline"][field] = configs["finetune"][field]
-    configs["finetune"].checkpoint = os.path.join(workdir, "pretrain")
-    configs["distill"].teacher_checkpoint = os.path.join(workdir, "finetune")
-    configs["baseline"].checkpoint = ""
-    return configs
-
-
-def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]) -> dict[str, Any]:
-    from simclrv2_jax.plots import plot_summary
-    from simclrv2_jax.train import train_stage
-
-    os.makedirs(workdir, exist_ok=True)
-    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}}
-    for stage in stages:
-        config = configs[stage]
-        stage_dir = os.path.join(workdir, stage)
-        done = finished_results(stage_dir, config)
-        if done is not None:
-            logging.info("pipeline: %s already finished in %s; skipping.", stage, stage_dir)
-            summary["stages"][stage] = done
-            continue
-        logging.info("pipeline: running %s in %s", stage, stage_dir)
-        t0 = time.time()
-        results = train_stage(config, stage_dir)
-        results.pop("state", None)
-        results["stage_wall_time_s"] = time.time() - t0
-        summary["stages"][stage] = results
-    ft = configs["finetune"]
-    summary["labels"] = (
-        f"{ft.examples_per_class} labels per class"
-        if ft.examples_per_class
-        else f"{100 * ft.label_fraction:g}% of labels"
-    )
-    summary["test_top1"] = {s: r.get("eval", {}).get("top1") for s, r in summary["stages"].items()}
-    summary["total_wall_time_s"] = sum(
-        r.get("stage_wall_time_s", r.get("wall_time_s", 0.0)) for r in summary["stages"].values()
-    )
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
-    plot_summary(
-        workdir, [s for s in stages if s in summary["stages"]], summary, os.path.join(workdir, "summary.png")
-    )
-    return summary
 
 
 def main(argv: list[str]) -> int:
@@ -156,6 +88,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from simclrv2_jax.cli import parse_flags
-
     app.run(main, flags_parser=parse_flags)

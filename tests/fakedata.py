@@ -161,7 +161,7 @@ def pretrain_run(tmp_path_factory, fake_data_dir, jax_compile_cache):
     Returns ``dict(workdir, config, results, snapshots)``; ``snapshots[s]`` is a host copy of the
     state after step ``s`` (taken by a step hook), for comparison with checkpoints of other runs.
     """
-    from simclrv2_jax.fields import get_config
+    from simclrv2_jax.config import get_config
     from simclrv2_jax.train import train_stage
 
     workdir = tmp_path_factory.getbasetemp() / "pretrain_uninterrupted"
@@ -223,7 +223,7 @@ def marked_state(task, mesh):
     either equals the checkpoint or still holds the marker. Nothing is compiled."""
     import jax
 
-    from simclrv2_jax import parallel
+    from simclrv2_jax.train import parallel
 
     abstract = jax.eval_shape(lambda: task.init_state(task.config.seed))
     rep = parallel.replicated(mesh)

@@ -17,13 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     data_dir, workdir, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-    from simclrv2_jax import parallel
+    from simclrv2_jax.train import parallel
 
     parallel.initialize_distributed()
     import jax
 
+    from simclrv2_jax.config import get_config
     from simclrv2_jax.data import array_pipeline
-    from simclrv2_jax.fields import get_config
     from simclrv2_jax.train import train_stage
 
     seen = []

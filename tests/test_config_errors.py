@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 from fakedata import flat, read_checkpoint, tiny
 
-from simclrv2_jax import parallel
 from simclrv2_jax.checkpoints import CheckpointError
+from simclrv2_jax.config import get_config
+from simclrv2_jax.config.validation import validate
 from simclrv2_jax.data import sources
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.train import parallel, train_stage
 from simclrv2_jax.train import pretrain as pretrain_stage
-from simclrv2_jax.train import train_stage
-from simclrv2_jax.validation import validate
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
@@ -166,7 +165,7 @@ def incompatible(fake_data_dir, pretrain_run):
     import jax
     import jax.numpy as jnp
 
-    from simclrv2_jax.checkpoints import load_variables
+    from simclrv2_jax.checkpoints import SavedRun
     from simclrv2_jax.train import components
 
     config = ft_config(fake_data_dir, pretrain_run["workdir"], width_multiplier=0.25)
@@ -177,8 +176,7 @@ def incompatible(fake_data_dir, pretrain_run):
     target = {"params": dict(abstract["params"]), "batch_stats": abstract["batch_stats"]}
     target["params"].pop("head_supervised")
     with pytest.raises(CheckpointError) as info:
-        load_variables(
-            str(pretrain_run["workdir"]),
+        SavedRun(str(pretrain_run["workdir"])).load_variables(
             target,
             sharding=parallel.replicated(mesh),
             what="pretraining checkpoint",

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclrv2_jax import convert
+from simclrv2_jax.checkpoints import release as convert
 from simclrv2_jax.models.resnet import block_layout
 
 pytest_plugins = ("fakedata",)  # fake data and the compilation cache for the command-line test

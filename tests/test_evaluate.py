@@ -17,11 +17,12 @@ import jax
 import numpy as np
 import pytest
 
-from simclrv2_jax import checkpoints, evaluate, parallel
-from simclrv2_jax import workdir as workdir_lib
+from simclrv2_jax import checkpoints
 from simclrv2_jax.checkpoints import CheckpointError
+from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.data import device_augment
-from simclrv2_jax.train import components
+from simclrv2_jax.evaluation import evaluator as evaluate
+from simclrv2_jax.train import components, parallel
 
 pytest_plugins = ("fakedata",)
 
@@ -214,7 +215,7 @@ def test_errors_name_the_path_and_the_fix(pretrain_run, tmp_path):
         evaluate.evaluation_config(pretrain_run["config"].to_dict(), {"image_size": 64})
     no_head = {**pretrain_run["config"].to_dict(), "lineareval_while_pretraining": False}
     with pytest.raises(ValueError, match="no supervised head to evaluate"):
-        evaluate.head_mode(evaluate.evaluation_config(no_head, {}))
+        evaluate.require_supervised_head(evaluate.evaluation_config(no_head, {}))
 
 
 def test_another_data_set_brings_its_own_eval_split(pretrain_run):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from fakedata import read_idx_gz
 
-from simclrv2_jax import explore, plots
 from simclrv2_jax.data import fetch, sources
+from simclrv2_jax.evaluation import explore, plots
 
 
 def _fake_splits(seed=0):

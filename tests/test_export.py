@@ -25,10 +25,11 @@ import pytest
 import tensorflow as tf
 from fakedata import NUM_CLASSES, subprocess_env, tiny
 
-from simclrv2_jax import export, parallel
-from simclrv2_jax.checkpoints import Checkpointer
-from simclrv2_jax.fields import get_config
-from simclrv2_jax.train import components
+from simclrv2_jax.checkpoints import Checkpointer, SavedRun
+from simclrv2_jax.checkpoints import savedmodel as export
+from simclrv2_jax.checkpoints.saved_run import head_mode_of
+from simclrv2_jax.config import get_config
+from simclrv2_jax.train import components, parallel
 from simclrv2_jax.train.state import create_train_state
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache
@@ -253,14 +254,14 @@ def test_weights_are_variables_with_gradients(pretrain):
 
 
 def test_step_selects_the_checkpoint(pretrain):
-    run = export.load_run(str(pretrain["root"] / "run"), step=1)
+    run = SavedRun(str(pretrain["root"] / "run")).load_model(step=1)
     assert run.step == 1 and run.head_mode == "pretrain" and run.num_classes == NUM_CLASSES
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(run.variables), jax.tree_util.tree_leaves(pretrain["saved"][1])
     ):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
-    with pytest.raises(ValueError, match=r"No checkpoint of step 5 .* holds steps 1, 2"):
-        export.load_run(str(pretrain["root"] / "run"), step=5)
+    with pytest.raises(ValueError, match=r"No checkpoint of step 5 under .*; it has steps \[1, 2\]"):
+        SavedRun(str(pretrain["root"] / "run")).load_model(step=5)
 
 
 def test_finetune_run_takes_its_classes_from_the_checkpoint(tmp_path, fake_data_dir):
@@ -268,7 +269,7 @@ def test_finetune_run_takes_its_classes_from_the_checkpoint(tmp_path, fake_data_
     config = tiny(get_config("finetune", "fashion_mnist"), fake_data_dir, train_steps=2, ft_proj_selector=1)
     assert config.num_classes == 0
     make_workdir(tmp_path / "run", config, "finetune", num_classes=7)
-    run = export.load_run(str(tmp_path / "run"))
+    run = SavedRun(str(tmp_path / "run")).load_model()
     assert (run.head_mode, run.num_classes, run.channels, run.step) == ("finetune", 7, 3, max(STEPS))
     shapes = jax.eval_shape(
         lambda x: run.model.apply(run.variables, x, train=False),
@@ -284,20 +285,19 @@ def test_head_modes_of_the_stages():
     config.ft_proj_selector = 1
     only_first = {"head_projection": {"layer_0": {}}}
     whole_head = {"head_projection": {"layer_0": {}, "layer_1": {}, "layer_2": {}}}
-    assert export.choose_head_mode(config, only_first) == "finetune"
-    assert export.choose_head_mode(config, whole_head) == "full"  # a converted release keeps it all
+    assert head_mode_of(config, only_first) == "finetune"
+    assert head_mode_of(config, whole_head) == "full"  # a converted release keeps it all
     config.stage = "pretrain"
-    assert export.choose_head_mode(config, whole_head) == "pretrain"
+    assert head_mode_of(config, whole_head) == "pretrain"
 
 
 @needs_release
 def test_release_converted_and_exported_gives_the_release_outputs(tmp_path):
     """The authors' SavedModel -> this project's workdir (convert) -> SavedModel (export): called the
     same way on the release's reference images, the export returns the release's outputs."""
-    convert = pytest.importorskip("simclrv2_jax.convert")
-    if not hasattr(convert, "convert_to_workdir"):
-        pytest.skip("simclrv2_jax.convert has no convert_to_workdir")
-    convert.convert_to_workdir(str(RELEASE), str(tmp_path / "run"), 0)
+    from simclrv2_jax.checkpoints import release
+
+    release.convert_to_workdir(str(RELEASE), str(tmp_path / "run"), 0)
     info = export.export_saved_model(
         str(tmp_path / "run"), str(tmp_path / "out"), image_size=0, platforms=("cpu",)
     )
@@ -320,12 +320,14 @@ def test_clear_errors(tmp_path, pretrain):
         export.export_saved_model(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(
-        ValueError, match="No config.json in .*" + re.escape(str(tmp_path / "empty" / "config.json"))
+        ValueError,
+        match="No finished checkpoint under .*" + re.escape(str(tmp_path / "empty" / "checkpoints")),
     ):
         export.export_saved_model(str(tmp_path / "empty"), str(tmp_path / "out"))
     (tmp_path / "empty" / "config.json").write_text((run / "config.json").read_text())
     with pytest.raises(
-        ValueError, match="No checkpoint in .*" + re.escape(str(tmp_path / "empty" / "checkpoints"))
+        ValueError,
+        match="No finished checkpoint under .*" + re.escape(str(tmp_path / "empty" / "checkpoints")),
     ):
         export.export_saved_model(str(tmp_path / "empty"), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="already exists"):
@@ -352,5 +354,5 @@ def test_command_line_reports_a_missing_checkpoint_in_one_line(tmp_path, jax_com
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert f"error: No checkpoint in {tmp_path / 'run'}" in proc.stderr
+    assert f"error: No finished checkpoint under {tmp_path / 'run'}" in proc.stderr
     assert "Traceback" not in proc.stderr

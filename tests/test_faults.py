@@ -23,9 +23,9 @@ from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, subprocess_env, tiny
 from test_resume import STATE_PARTS, assert_identical, record_steps, saved_steps
 
 from simclrv2_jax import cli
-from simclrv2_jax import workdir as workdir_lib
 from simclrv2_jax.checkpoints import CheckpointError
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.checkpoints import workdir as workdir_lib
+from simclrv2_jax.config import get_config
 from simclrv2_jax.train import loop, train_stage
 from simclrv2_jax.train.loop import Interrupted, TrainingDiverged
 from simclrv2_jax.train.state import TrainState
@@ -428,7 +428,7 @@ def test_lock_from_another_host_is_stale_only_without_heartbeat(tmp_path):
 def test_concurrent_processes_one_wins(tmp_path):
     """Two processes racing for one workdir: exactly one gets the lock."""
     script = (
-        "import sys, time; from etils import epath; from simclrv2_jax import workdir as w\n"
+        "import sys, time; from etils import epath; from simclrv2_jax.checkpoints import workdir as w\n"
         "try:\n"
         "    lock = w.WorkdirLock(epath.Path(sys.argv[1])); lock.acquire(); print('held', flush=True)\n"
         "    time.sleep(3); lock.release()\n"

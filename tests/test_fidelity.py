@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from simclrv2_jax import losses, parallel
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.config import get_config
+from simclrv2_jax.train import losses, parallel
 from simclrv2_jax.train import pretrain as pretrain_stage
 
 pytest_plugins = ("fakedata",)

@@ -10,9 +10,8 @@ from fakedata import PRETRAIN_STEPS, assert_states_close, flat, read_checkpoint,
 from jax.sharding import PartitionSpec as P
 from test_resume import raise_at, saved_steps
 
-from simclrv2_jax import parallel
-from simclrv2_jax.fields import get_config
-from simclrv2_jax.train import train_stage
+from simclrv2_jax.config import get_config
+from simclrv2_jax.train import parallel, train_stage
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from simclrv2_jax import losses
+from simclrv2_jax.train import losses
 
 
 def _np_log_softmax(x):

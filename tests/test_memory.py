@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from fakedata import PRETRAIN_STEPS, flat, host_copy, read_checkpoint, tiny
 
-from simclrv2_jax import losses
-from simclrv2_jax.fields import get_config
-from simclrv2_jax.train import train_stage
+from simclrv2_jax.config import get_config
+from simclrv2_jax.train import losses, train_stage
 from simclrv2_jax.train.memory import MomentumMemory
 
 pytest_plugins = ("fakedata",)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from np_reference import batch_norm_train, conv2d_same_stride1, conv2d_valid, pad_hw, relu, softmax
 
-from simclrv2_jax.fields import model_preset
+from simclrv2_jax.config.fields import model_preset
 from simclrv2_jax.models import SimCLRModel, parameter_counts
 from simclrv2_jax.models.heads import ProjectionHead
 from simclrv2_jax.models.layers import BatchNorm, Conv, SKConv

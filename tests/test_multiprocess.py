@@ -14,7 +14,7 @@ import pytest
 from fakedata import flat, read_checkpoint, read_idx_gz, subprocess_env, tiny
 from test_resume import saved_steps
 
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
 pytest_plugins = ("fakedata",)

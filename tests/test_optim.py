@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from simclrv2_jax import optim
+from simclrv2_jax.train import optim
 
 
 def _params(rng):

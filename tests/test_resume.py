@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, tiny
 
-from simclrv2_jax.fields import get_config
+from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
@@ -186,7 +186,7 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     # Orbax refuses relative paths; users type them (--workdir=runs/x).
     import jax.numpy as jnp
 
-    from simclrv2_jax.checkpoints import Checkpointer, load_variables
+    from simclrv2_jax.checkpoints import Checkpointer, SavedRun
 
     monkeypatch.chdir(tmp_path)
     state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "batch_stats": {"m": jnp.ones(3)}}
@@ -195,8 +195,8 @@ def test_relative_workdir_checkpoints_and_resumes(tmp_path, monkeypatch):
     checkpointer.wait_until_finished()
     checkpointer.close()
     assert (tmp_path / "runs" / "rel" / "checkpoints" / "3" / "state").is_dir()
-    restored, step = load_variables(
-        "runs/rel", state, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restored, step = SavedRun("runs/rel").load_variables(
+        state, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
     )
     assert step == 3
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), np.arange(6.0).reshape(2, 3))

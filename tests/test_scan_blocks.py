@@ -16,10 +16,10 @@ from fakedata import PRETRAIN_STEPS, assert_states_close, flat, read_checkpoint,
 from jax.sharding import PartitionSpec as P
 from test_resume import raise_at, saved_steps
 
-from simclrv2_jax import checkpoints, optim, parallel
-from simclrv2_jax.fields import get_config
+from simclrv2_jax import checkpoints
+from simclrv2_jax.config import get_config
 from simclrv2_jax.models import SimCLRModel, block_stack
-from simclrv2_jax.train import train_stage
+from simclrv2_jax.train import optim, parallel, train_stage
 
 pytest_plugins = ("fakedata",)
 
@@ -222,8 +222,8 @@ def test_checkpoints_load_into_either_layout(pretrain_run):
     )
     target = {"params": target["params"], "batch_stats": target["batch_stats"]}
     mesh = parallel.create_mesh(1)
-    loaded, step = checkpoints.load_variables(
-        str(pretrain_run["workdir"]), target, sharding=parallel.replicated(mesh)
+    loaded, step = checkpoints.SavedRun(str(pretrain_run["workdir"])).load_variables(
+        target, sharding=parallel.replicated(mesh)
     )
     assert step == PRETRAIN_STEPS
     saved = read_checkpoint(pretrain_run["workdir"])

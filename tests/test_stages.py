@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from fakedata import MARKER, flat, host_copy, marked_state, read_checkpoint, tiny
 
-from simclrv2_jax import parallel
+from simclrv2_jax.config import get_config
 from simclrv2_jax.data.array_pipeline import numpy_batches
-from simclrv2_jax.fields import get_config
 from simclrv2_jax.train import distill as distill_stage
 from simclrv2_jax.train import finetune as finetune_stage
-from simclrv2_jax.train import loop, train_stage
+from simclrv2_jax.train import loop, parallel, train_stage
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")

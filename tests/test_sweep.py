@@ -20,11 +20,11 @@ from absl import flags
 from fakedata import subprocess_env
 from ml_collections import config_flags
 
-from simclrv2_jax import fields
-from simclrv2_jax import sweep as sw
-from simclrv2_jax import workdir as workdir_lib
+from simclrv2_jax import config as config_lib
+from simclrv2_jax import sweeps as sw
+from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.cli import run_reporting_user_errors
-from simclrv2_jax.sweep import launch, plan, report
+from simclrv2_jax.sweeps import launch, plan, report
 from simclrv2_jax.train.loop import Interrupted
 
 pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache
@@ -35,7 +35,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def base_config(**overrides):
-    config = fields.get_config("finetune", "fashion_mnist")
+    config = config_lib.get_config("finetune", "fashion_mnist")
     config.lock()  # as --config with lock_config=True
     for key, value in overrides.items():
         config[key] = value
@@ -44,7 +44,7 @@ def base_config(**overrides):
 
 def write_sweep(directory, body):
     path = Path(directory) / "my_sweep.py"
-    path.write_text("from simclrv2_jax import sweep\n\n\n" + body)
+    path.write_text("from simclrv2_jax import sweeps\n\n\n" + body)
     return str(path)
 
 
@@ -160,14 +160,14 @@ MISTAKES = {
         ],
     ),
     "str into int": (
-        "sweep.product(train_steps=[1, 'abc'])",
+        "sweeps.product(train_steps=[1, 'abc'])",
         ["sweep run 1 (train_steps=abc)", "config.train_steps='abc' has the wrong type", "int"],
     ),
     "float into int": ("[{'train_steps': 1.5}]", ["sweep run 0 (train_steps=1.5)", "wrong type"]),
     "bool into float": ("[{'learning_rate': True}]", ["sweep run 0 (learning_rate=True)", "wrong type"]),
     "None into float": ("[{'learning_rate': None}]", ["sweep run 0 (learning_rate=None)", "wrong type"]),
     "out of range": (
-        "sweep.product(ft_proj_selector=[1, 7])",
+        "sweeps.product(ft_proj_selector=[1, 7])",
         ["sweep run 1 (ft_proj_selector=7)", "ft_proj_selector=7 is out of range"],
     ),
     "negative": (
@@ -176,7 +176,7 @@ MISTAKES = {
     ),
     "empty": ("[]", ["the sweep has no runs"]),
     "duplicate": (
-        "sweep.chain(sweep.product(learning_rate=[0.1, 0.2]), [{'learning_rate': 0.1}])",
+        "sweeps.chain(sweeps.product(learning_rate=[0.1, 0.2]), [{'learning_rate': 0.1}])",
         ["sweep runs 0 (learning_rate=0.1) and 2 (learning_rate=0.1) have the same config", "learning_rate"],
     ),
     "duplicate after the type": (
@@ -242,7 +242,10 @@ def test_mistakes_stop_the_sweep_before_any_run(tmp_path, fake_train, mistake):
         ("def get_sweeps():\n    return []\n", ["defines no get_sweep()"]),
         ("import no_such_module_here\n", ["does not load: ModuleNotFoundError", "(line 4)"]),
         ("def get_sweep():\n    return 1 / 0\n", ["get_sweep() in", "failed: ZeroDivisionError", "(line 5)"]),
-        ("def get_sweep():\n    return sweep.zip(a=[1], b=[2, 3])\n", ["get_sweep() in", "differ in length"]),
+        (
+            "def get_sweep():\n    return sweeps.zip(a=[1], b=[2, 3])\n",
+            ["get_sweep() in", "differ in length"],
+        ),
     ],
 )
 def test_sweep_files_that_do_not_work(tmp_path, fake_train, body, parts):
@@ -261,7 +264,7 @@ def test_missing_sweep_file(tmp_path):
 
 def test_a_mistake_is_one_error_line_with_exit_code_2(tmp_path, jax_compile_cache):
     sweep_file = write_sweep(
-        tmp_path, "def get_sweep():\n    return sweep.product(ft_proj_selector=[1, 7])\n"
+        tmp_path, "def get_sweep():\n    return sweeps.product(ft_proj_selector=[1, 7])\n"
     )
     proc = subprocess.run(
         [sys.executable, "-m", "simclrv2_jax.sweep", f"--config={CONFIG_ARG}", f"--sweep={sweep_file}"]
@@ -283,7 +286,7 @@ def test_a_mistake_is_one_error_line_with_exit_code_2(tmp_path, jax_compile_cach
 # ------------------------------------------------------------------------------------------------
 # Running: resume, results, CSV, plot, table.
 
-GRID = "def get_sweep():\n    return sweep.product(learning_rate=[0.1, 0.2], ft_proj_selector=[0, 1])\n"
+GRID = "def get_sweep():\n    return sweeps.product(learning_rate=[0.1, 0.2], ft_proj_selector=[0, 1])\n"
 NAMES = [
     "learning_rate=0.1,ft_proj_selector=0",
     "learning_rate=0.1,ft_proj_selector=1",
@@ -390,10 +393,10 @@ def test_plot_draws_one_line_per_second_field_value(tmp_path, fake_train):
 @pytest.mark.parametrize(
     "body, lines, log_x",
     [
-        ("sweep.product(learning_rate=[0.01, 0.1, 1.0])", 1, True),  # one field: one line, a factor 100
-        ("sweep.product(learning_rate=[0.025, 0.05, 0.1])", 1, True),  # a factor 4, but doubling
-        ("sweep.product(train_steps=[100, 200, 300])", 1, False),  # a factor 3, evenly spaced
-        ("sweep.product(optimizer=['lars', 'adam'], seed=[0], label_seed=[1, 2])", 2, False),
+        ("sweeps.product(learning_rate=[0.01, 0.1, 1.0])", 1, True),  # one field: one line, a factor 100
+        ("sweeps.product(learning_rate=[0.025, 0.05, 0.1])", 1, True),  # a factor 4, but doubling
+        ("sweeps.product(train_steps=[100, 200, 300])", 1, False),  # a factor 3, evenly spaced
+        ("sweeps.product(optimizer=['lars', 'adam'], seed=[0], label_seed=[1, 2])", 2, False),
         ("[{}]", 0, False),  # nothing swept: a bar
     ],
 )
@@ -499,7 +502,7 @@ def test_tpu_launch_runs_tpu_sh_per_unfinished_run(tmp_path, fake_train, monkeyp
 
 
 def test_command_line_sweep_trains_and_resumes(tmp_path, fake_data_dir, jax_compile_cache):
-    sweep_file = write_sweep(tmp_path, "def get_sweep():\n    return sweep.product(label_seed=[0, 1])\n")
+    sweep_file = write_sweep(tmp_path, "def get_sweep():\n    return sweeps.product(label_seed=[0, 1])\n")
     root = tmp_path / "sw"
     # The smallest network (one block per group, 8 px) and two steps on one device: the run is all
     # compilation (measured: 8 px and one device compile in about 60% of the time of 16 px on

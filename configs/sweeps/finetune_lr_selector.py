@@ -17,8 +17,8 @@ doubled, read from the backbone output (0), the first (1) or the second (2) proj
 run ``learning_rate=0.05,ft_proj_selector=1`` is the default job's fine-tuning stage.
 """
 
-from simclrv2_jax import sweep
+from simclrv2_jax import sweeps
 
 
 def get_sweep():
-    return sweep.product(learning_rate=[0.025, 0.05, 0.1], ft_proj_selector=[0, 1, 2])
+    return sweeps.product(learning_rate=[0.025, 0.05, 0.1], ft_proj_selector=[0, 1, 2])

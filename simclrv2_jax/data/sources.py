@@ -91,6 +91,7 @@ class DataSource:
     num_classes: int
     image_shape: tuple[int | None, int | None, int]
     in_memory: bool
+    class_names: tuple[str, ...] | None = None  # label i's name, where the data set has them
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -164,6 +165,7 @@ class InMemorySource(DataSource):
     name: str
     num_classes: int
     data: dict[str, tuple[np.ndarray, np.ndarray]]
+    class_names: tuple[str, ...] | None = None
     in_memory: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
@@ -223,6 +225,8 @@ class TfdsSource(DataSource):
         self.image_key, self.label_key = keys
         features = builder.info.features
         self.num_classes = int(features[self.label_key].num_classes)
+        names = getattr(features[self.label_key], "names", None)
+        self.class_names = tuple(names) if names else None
         height, width, channels = features[self.image_key].shape
         self._source_channels = int(channels)
         self.image_shape = (height, width, 3 if channels == 1 else int(channels))
@@ -453,7 +457,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> InMemorySource:
                 f"{images.shape}, labels {labels.shape}."
             )
         data[split] = (images, labels)
-    return InMemorySource(name=FASHION_MNIST, num_classes=10, data=data)
+    return InMemorySource(name=FASHION_MNIST, num_classes=10, data=data, class_names=FASHION_MNIST_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,7 +503,9 @@ def _tfds_to_memory(source: TfdsSource) -> InMemorySource:
             images.append(batch["image"])
             labels.append(batch["label"])
         data[split] = (np.concatenate(images), np.concatenate(labels))
-    return InMemorySource(name=source.name, num_classes=source.num_classes, data=data)
+    return InMemorySource(
+        name=source.name, num_classes=source.num_classes, data=data, class_names=source.class_names
+    )
 
 
 def get_source(dataset: str, data_dir: str | None = None, *, in_memory: bool | None = None) -> DataSource:

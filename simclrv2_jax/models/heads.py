@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from simclrv2_jax.fields import PROJ_HEAD_MODES
+from simclrv2_jax.config.fields import PROJ_HEAD_MODES
 from simclrv2_jax.models.layers import BATCH_NORM_DECAY, dense_bn_layer, head_kernel_init
 
 

@@ -23,10 +23,9 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, mesh=None, **lo
     """
     import jax
 
-    from simclrv2_jax import parallel
-    from simclrv2_jax import workdir as workdir_lib
-    from simclrv2_jax.train import loop
-    from simclrv2_jax.validation import validate
+    from simclrv2_jax.checkpoints import workdir as workdir_lib
+    from simclrv2_jax.config.validation import validate
+    from simclrv2_jax.train import loop, parallel
 
     validate(config)
     path = workdir_lib.prepare(workdir)

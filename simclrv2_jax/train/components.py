@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from simclrv2_jax import optim
+from simclrv2_jax.config.fields import ARCH_FIELDS
 from simclrv2_jax.data import sources
-from simclrv2_jax.fields import ARCH_FIELDS
 from simclrv2_jax.models.simclr import SimCLRModel
+from simclrv2_jax.train import optim
 
 
 def num_classes(config: ml_collections.ConfigDict, source: sources.DataSource) -> int:
@@ -84,7 +85,16 @@ def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
     )
 
 
-def adopt_architecture(config: ml_collections.ConfigDict, path: str, *, what: str) -> None:
+def abstract_variables(model: SimCLRModel, image_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of ``model`` as ShapeDtypeStructs (nothing is computed)."""
+    images = jax.ShapeDtypeStruct((2, *image_shape), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def adopt_architecture(
+    config: ml_collections.ConfigDict, path: str, *, what: str, flag: str = "--config.checkpoint"
+) -> None:
     """Gives ``config`` the architecture (``ARCH_FIELDS``) of the checkpoint it starts from.
 
     A stage that starts from a checkpoint has that checkpoint's network, so its fields are taken
@@ -93,9 +103,9 @@ def adopt_architecture(config: ml_collections.ConfigDict, path: str, *, what: st
     stem at 32 px or less): a mismatch there is an error naming the fix.
     """
     from simclrv2_jax import checkpoints
-    from simclrv2_jax.validation import validate
+    from simclrv2_jax.config.validation import validate
 
-    saved = checkpoints.read_config(path)
+    saved = checkpoints.SavedRun(path, flag).saved_config()
     changed = {}
     for field in ARCH_FIELDS:
         if field not in saved or field not in config:

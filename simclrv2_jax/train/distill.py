@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simclrv2_jax import checkpoints, losses, parallel
+from simclrv2_jax import checkpoints
+from simclrv2_jax.config.fields import ARCH_FIELDS
 from simclrv2_jax.data.sources import DataSource
-from simclrv2_jax.fields import ARCH_FIELDS
 from simclrv2_jax.models.heads import kept_head_layers
-from simclrv2_jax.train import components, inputs
+from simclrv2_jax.train import components, inputs, losses, parallel
 from simclrv2_jax.train.task import Task
+
+TEACHER_FLAG = "--config.teacher_checkpoint"
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -30,9 +32,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "config.teacher_checkpoint is empty: point it at a fine-tuning run's workdir "
             "(or one of its checkpoint step folders)."
         )
-    saved = ml_collections.ConfigDict(
-        checkpoints.read_config(config.teacher_checkpoint, "--config.teacher_checkpoint")
-    )
+    saved = checkpoints.SavedRun(config.teacher_checkpoint, TEACHER_FLAG).config()
     if saved.get("stage") not in ("finetune", "distill"):
         raise checkpoints.CheckpointError(
             f"config.teacher_checkpoint={config.teacher_checkpoint} holds a {saved.get('stage')!r} run; the "
@@ -61,7 +61,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     if config.init_student_from_teacher:
         # A student that starts as the teacher has the teacher's network.
         teacher_config(config)  # a wrong path or stage fails with its own message first
-        components.adopt_architecture(config, config.teacher_checkpoint, what="teacher checkpoint")
+        components.adopt_architecture(
+            config, config.teacher_checkpoint, what="teacher checkpoint", flag=TEACHER_FLAG
+        )
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
@@ -75,11 +77,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     student = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
     rep = parallel.replicated(mesh)
 
-    images = jax.ShapeDtypeStruct((2, *components.image_shape(config, source)), jnp.float32)
-    t_abstract = jax.eval_shape(lambda x: teacher.init(jax.random.key(0), x, train=False), images)
-    teacher_vars, _ = checkpoints.load_variables(
-        config.teacher_checkpoint,
-        {"params": t_abstract["params"], "batch_stats": t_abstract["batch_stats"]},
+    teacher_vars, _ = checkpoints.SavedRun(config.teacher_checkpoint, TEACHER_FLAG).load_variables(
+        components.abstract_variables(teacher, components.image_shape(config, source)),
         sharding=rep,
         what="teacher checkpoint",
     )
@@ -149,7 +148,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     initialize = None
     if config.init_student_from_teacher:
         initialize = checkpoints.initialize_from(
-            config.teacher_checkpoint, mesh, what="teacher checkpoint", keep_head=True
+            config.teacher_checkpoint, mesh, what="teacher checkpoint", keep_head=True, flag=TEACHER_FLAG
         )
     return Task(
         name="distill",

@@ -23,9 +23,9 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from simclrv2_jax import checkpoints, losses, optim
+from simclrv2_jax import checkpoints
 from simclrv2_jax.data.sources import DataSource
-from simclrv2_jax.train import components, inputs
+from simclrv2_jax.train import components, inputs, losses, optim
 from simclrv2_jax.train.task import Task
 
 
@@ -38,7 +38,8 @@ def supervised_loss(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
     if config.checkpoint:
-        checkpoints.checkpoint_dir(config.checkpoint)  # a wrong path fails now, not after compiling
+        # A wrong path fails now, not after compiling.
+        checkpoints.SavedRun(config.checkpoint, "--config.checkpoint").latest_step()
         components.adopt_architecture(config, config.checkpoint, what="pretraining checkpoint")
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simclrv2_jax import parallel
 from simclrv2_jax.data import array_pipeline, device_augment, sources, subsets
+from simclrv2_jax.train import parallel
 
 # Streamed images are resized to image_size / 0.875 on the host before the device crops them, the
 # size from which the release's evaluation takes its 87.5% centre crop.

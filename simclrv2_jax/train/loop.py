@@ -1,27 +1,30 @@
 """The one training loop every stage shares: steps, evaluation, checkpoints, metrics, progress.
 
 * Resume: if the workdir holds a checkpoint the run continues from the newest one that loads
-  (damaged ones are moved aside, see ``checkpoints.py``), after checking that its config is the
-  checkpoint's (``workdir.check_resume``); else it starts fresh (and ``task.initialize`` loads the
+  (damaged ones are moved aside, see ``checkpoints/manager.py``), after checking that its config is
+  the checkpoint's (``workdir.check_resume``); else it starts fresh (and ``task.initialize`` loads the
   previous stage). Data position and RNG are functions of the step, so the resumed run is
   bit-for-bit the uninterrupted one.
-* Divergence: the step's guard (``step.guarded_update``) never applies a non-finite step; the loop
-  reads its flags one step behind (free: it waits for that step anyway) and synchronously before
-  anything uses the state. A halted run saves its last finite state and raises ``TrainingDiverged``.
-* Stopping: SIGTERM or Ctrl-C (``StopSignals``) finishes the current step (or evaluation batch),
-  saves a checkpoint of the last completed step and raises ``Interrupted`` saying what was saved.
-  The final checkpoint is saved before the final evaluation. A crash loses at most
+* Divergence: the step's guard (``step.guarded_update``) never applies a non-finite step; ``Guard``
+  reads its flags one step behind (free: the loop waits for that step anyway) and synchronously
+  before anything uses the state. A halted run saves its last finite state and raises
+  ``TrainingDiverged``.
+* Stopping: SIGTERM or Ctrl-C (``signals.StopSignals``) finishes the current step (or evaluation
+  batch), saves a checkpoint of the last completed step and raises ``Interrupted`` saying what was
+  saved. The final checkpoint is saved before the final evaluation. A crash loses at most
   ``checkpoint_steps`` steps; the save under way completes first.
-* Output in the workdir: TensorBoard events, ``history.jsonl`` (one line per logged step, what the
-  pipeline plots, plus a line per accepted resume change), ``config.json``, ``checkpoints/``, and
-  ``results.json`` at the end.
+* Cadence (``Cadence``): log every ``log_every_steps`` and at the end, save every
+  ``checkpoint_steps`` and at the end, evaluate every ``eval_every_steps`` and at the end.
+* Output (``Outputs``) in the workdir: TensorBoard events, ``history.jsonl`` (one line per logged
+  step, what the pipeline plots, plus a line per accepted resume change), ``config.json``,
+  ``checkpoints/``, and ``results.json`` at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,74 +37,24 @@ from clu import metrics
 from etils import epath
 from jax.sharding import Mesh
 
-from simclrv2_jax import parallel
-from simclrv2_jax import workdir as workdir_lib
 from simclrv2_jax.checkpoints import Checkpointer
+from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.data.array_pipeline import global_iterator
-from simclrv2_jax.train import reporting
+from simclrv2_jax.train import parallel, reporting
+from simclrv2_jax.train.evaluation import EvalInterrupted, eval_totals, mean_metrics
+from simclrv2_jax.train.signals import Interrupted, StopSignals
 from simclrv2_jax.train.state import TrainState
 from simclrv2_jax.train.step import GUARD_METRICS, nonfinite_parts
 from simclrv2_jax.train.task import Task
 
-
-class Interrupted(KeyboardInterrupt):
-    """The run stopped on request (SIGTERM, Ctrl-C); ``message`` says what was saved."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT) -> None:
-        super().__init__(message)
-        self.message = message
-        self.signum = signum
+__all__ = ["Interrupted", "StopSignals", "TrainingDiverged", "run"]
 
 
 class TrainingDiverged(FloatingPointError):
     """A step was non-finite past ``skip_nonfinite_steps``; the last finite state is saved."""
 
 
-class StopSignals:
-    """SIGTERM and Ctrl-C become a request that the loop honours at the next safe point.
-
-    The loop checks ``requested`` after each step and between evaluation batches, saves the last
-    completed step and raises ``Interrupted``. A second Ctrl-C raises ``KeyboardInterrupt`` at once
-    (nothing more is saved). Outside the main thread signals cannot be caught and this does nothing.
-    """
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self.forced = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handler)
-        return self
-
-    def _handler(self, signum, frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            self.forced = True
-            raise KeyboardInterrupt("second Ctrl-C: stopping at once")
-        self.requested = signum
-        logging.warning(
-            "%s received: finishing the current step, saving a checkpoint, then stopping "
-            "(Ctrl-C again stops at once).",
-            signal.Signals(signum).name,
-        )
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.requested).name if self.requested else "an interrupt"
-
-    def __exit__(self, *exc) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-
-class _EvalInterrupted(Exception):
-    pass
-
-
-def _average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
+def average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Mean of each metric over the applied steps of the logged interval, with clu's Average.
 
     Steps the guard skipped (non-finite) are left out, and so are the guard's own flags.
@@ -121,45 +74,103 @@ def _average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(v) for k, v in merged.compute().items()}
 
 
-def eval_totals(
-    batches: Iterable,
-    state: Any,
-    eval_fn: Callable,
-    sharding,
-    stop: StopSignals | None = None,
-    extra: tuple = (),
-) -> dict[str, float]:
-    """The eval step's sums over ``batches`` (one full pass over the eval split), ``count`` included:
-    exact over the split thanks to the padding mask.
-
-    Stops between batches (``_EvalInterrupted``) when ``stop`` has a request.
-    """
-    totals: dict[str, jax.Array] | None = None
-    for batch in global_iterator(batches, sharding):
-        if stop is not None and stop.requested:
-            raise _EvalInterrupted
-        sums = eval_fn(state, batch, *extra)
-        totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    return {} if totals is None else {k: float(v) for k, v in jax.device_get(totals).items()}
-
-
 def evaluate(
     task: Task, state: TrainState, eval_fn: Callable, sharding, stop: StopSignals | None = None
 ) -> dict[str, float]:
-    """The task's eval metrics (sums divided by the example count) over its eval split."""
-    totals = eval_totals(task.eval_data(), state, eval_fn, sharding, stop, task.extra)
-    if not totals:
-        return {}
-    count = max(totals.pop("count"), 1.0)
-    return {k: v / count for k, v in totals.items()}
+    """The task's eval metrics (sums divided by the example count) over its eval split.
+
+    Raises ``EvalInterrupted`` between batches when ``stop`` has a request.
+    """
+    should_stop = (lambda: bool(stop.requested)) if stop is not None else None
+    return mean_metrics(eval_totals(task.eval_data(), state, eval_fn, sharding, should_stop, task.extra))
 
 
-def _write_json(path: epath.Path, payload: dict) -> None:
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
+# ---------------------------------------------------------------------------------------------------
+# The parts of a run.
 
 
-class _History:
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When the loop logs, saves and evaluates: every so many steps, and always at the last step."""
+
+    total: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int  # 0: only at the end
+
+    @classmethod
+    def of(cls, config, total: int) -> Cadence:
+        return cls(total, config.log_every_steps, config.checkpoint_steps, config.eval_every_steps)
+
+    def log(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.total
+
+    def save(self, step: int) -> bool:
+        """A periodic save (the last step's save is the final one, made apart)."""
+        return step % self.checkpoint_every == 0 and step < self.total
+
+    def evaluate(self, step: int) -> bool:
+        """A periodic evaluation (the final one is made apart, after the final save)."""
+        return bool(self.eval_every) and step % self.eval_every == 0 and step < self.total
+
+
+@dataclasses.dataclass
+class GuardReport:
+    """What the guard's flags of one step say."""
+
+    step: int
+    halted: bool
+    nonfinite: bool
+    parts: list[str]
+    skipped: int  # skipped steps so far
+    values: dict[str, float]  # the step's other metrics (for the message)
+
+
+class Guard:
+    """Reads the finite-state guard's flags of each step once, in step order."""
+
+    def __init__(self, start_step: int, max_skipped: int) -> None:
+        self.inspected = start_step  # the steps up to here have had their flags read
+        self.max_skipped = max_skipped
+        self.skipped = 0
+
+    def read(self, at_step: int, step_metrics: dict[str, jax.Array]) -> GuardReport | None:
+        """The report of step ``at_step`` (waiting for it), or None when it was already read."""
+        if at_step <= self.inspected:
+            return None
+        self.inspected = at_step
+        flags = {k: float(v) for k, v in jax.device_get({k: step_metrics[k] for k in GUARD_METRICS}).items()}
+        self.skipped = int(flags["skipped_steps"])
+        values = {}
+        if flags["halted"]:
+            values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k not in GUARD_METRICS}
+        return GuardReport(
+            step=at_step,
+            halted=bool(flags["halted"]),
+            nonfinite=bool(flags["nonfinite"]),
+            parts=nonfinite_parts(flags["nonfinite_parts"]),
+            skipped=self.skipped,
+            values=values,
+        )
+
+    def divergence_message(self, name: str, report: GuardReport, kept_step: int, where, config) -> str:
+        shown = ", ".join(f"{k}={report.values[k]:.4g}" for k in ("loss", "grad_norm") if k in report.values)
+        allowance = (
+            f"all {self.max_skipped} allowed skips were used before it"
+            if self.max_skipped
+            else "the run stops at the first such step (config.skip_nonfinite_steps=0)"
+        )
+        return (
+            f"{name} diverged at step {report.step}: non-finite {', '.join(report.parts)} ({shown}); "
+            f"the step was not applied and {allowance}. The last finite state (step {kept_step}) is saved in "
+            f"{where}. Resume from it with a lower learning rate (--config.learning_rate="
+            f"{config.learning_rate / 10:g} --config.resume_changes=learning_rate) or let the run skip "
+            "such steps (--config.skip_nonfinite_steps=N); if it diverges again at once, the weights were "
+            "already ruined before this step: start afresh in a new --workdir."
+        )
+
+
+class History:
     """``history.jsonl``: one JSON line per logged step, what the pipeline plots.
 
     Rewritten whole on every log (object stores such as gs:// cannot append); lines of steps after the
@@ -176,25 +187,58 @@ class _History:
                 if line.strip() and json.loads(line)["step"] <= start_step
             ]
 
-    def add(self, step: int, record: dict[str, float]) -> None:
+    def add(self, step: int, record: dict[str, Any]) -> None:
         if jax.process_index() != 0:
             return
         self.rows.append(json.dumps({"step": step, **record}))
         self.path.write_text("\n".join(self.rows) + "\n")
 
 
-def _guard_flags(step_metrics: dict[str, jax.Array]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get({k: step_metrics[k] for k in GUARD_METRICS}).items()}
+class Outputs:
+    """Where a run reports: TensorBoard, ``history.jsonl``, progress lines, and the JSON files."""
+
+    def __init__(self, workdir: str, config, *, start_step: int, total: int) -> None:
+        self.path = workdir_lib.prepare(workdir)
+        self.writer = reporting.make_writer(workdir)
+        if start_step == 0:
+            self.writer.write_hparams(
+                {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            )
+        self.hooks = reporting.progress_hooks(
+            num_train_steps=total,
+            writer=self.writer,
+            every_steps=config.log_every_steps,
+            profile=config.get("profile", False),
+            logdir=workdir,
+            start_step=start_step,
+        )
+        self.history = History(self.path / "history.jsonl", start_step)
+
+    def after_step(self, step: int) -> None:
+        for hook in self.hooks:
+            hook(step)
+
+    def record(self, step: int, record: dict[str, Any]) -> None:
+        self.writer.write_scalars(step, record)
+        self.history.add(step, record)
+
+    def write_json(self, name: str, payload: dict) -> None:
+        write_json(self.path / name, payload)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
 
 
-def _suggested_learning_rate(config) -> str:
-    return f"{config.learning_rate / 10:g}"
+def write_json(path: epath.Path, payload: dict) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
 # The initial state is computed once, and its program is mostly the threefry bits of the initialisers:
-# on the CPU, LLVM's optimisation of that program took 4x its compile time (39 s -> 10 s for the
-# tests' tiny ResNet) and saves nothing measurable when it runs once. The values differ from the
-# optimised program's by float rounding of the initialisers (about 1e-7), not in distribution.
+# on the CPU, LLVM's optimisation of that program costs several times its compile time and saves
+# nothing measurable when it runs once. The values differ from the optimised program's by float
+# rounding of the initialisers (about 1e-7), not in distribution.
 CPU_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -204,6 +248,118 @@ def compile_init(init: Callable[[], TrainState], shardings: Any) -> Callable[[],
     if jax.default_backend() != "cpu":
         return jitted
     return jitted.lower().compile(compiler_options=CPU_QUICK_COMPILE)
+
+
+def restore_or_init(task: Task, checkpointer: Checkpointer, layout, workdir: str):
+    """``(state, state_sharding, changes, resumed)``: the newest checkpoint that loads (its config
+    checked against the task's), else a fresh state initialised from the earlier stage."""
+    config = task.config
+
+    def init() -> TrainState:
+        return task.init_state(config.seed)
+
+    abstract = jax.eval_shape(init)
+    state_sharding = layout.state_shardings(abstract)
+    abstract = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
+    )
+    changes: dict[str, tuple[Any, Any]] = {}
+
+    def check_config(saved: dict | None, path) -> None:
+        changes.clear()
+        changes.update(workdir_lib.check_resume(saved, config, str(path)))
+
+    restored = checkpointer.restore_latest(abstract, check_config)
+    if restored is not None:
+        state, latest, _ = restored
+        logging.info("Resuming %s from the checkpoint at step %d in %s", task.name, latest, workdir)
+        return state, state_sharding, changes, True
+    state = compile_init(init, state_sharding)()
+    if task.initialize is not None:
+        state = jax.device_put(task.initialize(state, task.tx), state_sharding)
+    return state, state_sharding, changes, False
+
+
+class _Training:
+    """One invocation of ``run``: the state and step, and what is done between steps."""
+
+    def __init__(self, task: Task, checkpointer: Checkpointer, stop: StopSignals, start_step: int) -> None:
+        self.task, self.checkpointer, self.stop = task, checkpointer, stop
+        self.max_skipped = int(task.config.get("skip_nonfinite_steps", 0))
+        self.guard = Guard(start_step, self.max_skipped)
+        self.state: TrainState | None = None
+        self.step = start_step
+        self.last_metrics: dict[str, jax.Array] | None = None
+
+    def save(self, force: bool = False) -> None:
+        # Halted states carry the budget one past its end; saved, they carry the budget used.
+        state = self.state.replace(skipped_steps=jnp.minimum(self.state.skipped_steps, self.max_skipped))
+        self.checkpointer.save(int(jax.device_get(state.step)), state, self.task.config, force=force)
+
+    def inspect(self, at_step: int, step_metrics: dict[str, jax.Array]) -> None:
+        """Reads the guard's flags of step ``at_step``; stops the run if it halted there."""
+        report = self.guard.read(at_step, step_metrics)
+        if report is None:
+            return
+        if report.halted:
+            self.save(force=True)
+            self.checkpointer.wait_until_finished()
+            kept = int(jax.device_get(self.state.step))
+            where = self.checkpointer.path(kept)
+            raise TrainingDiverged(
+                self.guard.divergence_message(self.task.name, report, kept, where, self.task.config)
+            )
+        if report.nonfinite:
+            logging.warning(
+                "%s step %d: non-finite %s; the step was skipped (%d of %d allowed).",
+                self.task.name,
+                at_step,
+                ", ".join(report.parts),
+                report.skipped,
+                self.max_skipped,
+            )
+
+    def settle(self) -> None:
+        """Waits for the current step and checks it, before its state is saved, evaluated or shown."""
+        if self.last_metrics is not None:
+            self.inspect(self.step, self.last_metrics)
+
+    def interrupted(self, during: str) -> Interrupted:
+        if (
+            int(jax.device_get(self.state.step)) > 0
+        ):  # a fresh run stopped before its first step saves nothing
+            self.save(force=True)
+        self.checkpointer.wait_until_finished()
+        saved_step = self.checkpointer.latest_step()
+        where = (
+            f"the checkpoint of step {saved_step} is in {self.checkpointer.path(saved_step)}"
+            if saved_step is not None
+            else "no step had finished, so there is nothing to save"
+        )
+        return Interrupted(
+            f"{self.task.name} stopped by {self.stop.name} {during}; {where}. "
+            "Run the same command to resume.",
+            self.stop.requested or signal.SIGINT,
+        )
+
+    def train_step(self, train_fn: Callable, batch: dict) -> dict[str, jax.Array]:
+        """One step, with at most one step in flight: progress and ETA measure compute, not
+        dispatch, and the host never queues up an unbounded number of batches. The previous step's
+        guard flags are read while this one runs, for free."""
+        self.state, step_metrics = train_fn(self.state, batch, *self.task.extra)
+        self.step += 1
+        if self.last_metrics is not None:
+            jax.block_until_ready(self.last_metrics)
+            self.inspect(self.step - 1, self.last_metrics)
+        self.last_metrics = step_metrics
+        return step_metrics
+
+    def evaluate(self, eval_fn: Callable, sharding, final: bool) -> dict[str, float]:
+        try:
+            return evaluate(self.task, self.state, eval_fn, sharding, self.stop)
+        except EvalInterrupted:
+            during = f"during the {'final ' if final else ''}evaluation at step {self.step}"
+            raise self.interrupted(during) from None
 
 
 def run(
@@ -228,48 +384,20 @@ def run(
     parallel.local_batch_size(config.train_batch_size, mesh)
     if task.eval_data is not None:
         parallel.local_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
-    workdir_path = workdir_lib.prepare(workdir)
+    workdir_lib.prepare(workdir)
     rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    max_skipped = int(config.get("skip_nonfinite_steps", 0))
-
-    def init() -> TrainState:
-        return task.init_state(config.seed)
-
-    abstract = jax.eval_shape(init)
     layout = parallel.ParamLayout(
         mesh, config.get("param_sharding", "replicated"), config.get("fsdp_min_size", 2**14)
     )
-    state_sharding = layout.state_shardings(abstract)
-    abstract = jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
-    )
-
     checkpointer = Checkpointer(
         workdir, max_to_keep=config.keep_checkpoint_max, save_interval_steps=config.checkpoint_steps
     )
-    changes: dict[str, tuple[Any, Any]] = {}
-
-    def check_config(saved: dict | None, path) -> None:
-        changes.clear()
-        changes.update(workdir_lib.check_resume(saved, config, str(path)))
-
     try:
-        restored = checkpointer.restore_latest(abstract, check_config)
+        state, state_sharding, changes, resumed = restore_or_init(task, checkpointer, layout, workdir)
     except BaseException:
         checkpointer.close()
         raise
-    if restored is not None:
-        state, latest, _ = restored
-        logging.info("Resuming %s from the checkpoint at step %d in %s", task.name, latest, workdir)
-    else:
-        state = compile_init(init, state_sharding)()
-        if task.initialize is not None:
-            state = jax.device_put(task.initialize(state, task.tx), state_sharding)
-    if restored is None or changes:
-        _write_json(workdir_path / "config.json", config.to_dict())
-    start_step = int(jax.device_get(state.step))
-    total = task.total_steps
-
+    start_step, total = int(jax.device_get(state.step)), task.total_steps
     train_fn = jax.jit(
         task.make_train_step(layout),
         in_shardings=(state_sharding, data, *task.extra_shardings),
@@ -283,21 +411,9 @@ def run(
             in_shardings=(state_sharding, data, *task.extra_shardings),
             out_shardings=rep,
         )
-
-    writer = reporting.make_writer(workdir)
-    if start_step == 0:
-        writer.write_hparams(
-            {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        )
-    hooks = reporting.progress_hooks(
-        num_train_steps=total,
-        writer=writer,
-        every_steps=config.log_every_steps,
-        profile=config.get("profile", False),
-        logdir=workdir,
-        start_step=start_step,
-    )
-    history = _History(workdir_path / "history.jsonl", start_step)
+    outputs = Outputs(workdir, config, start_step=start_step, total=total)
+    if not resumed or changes:
+        outputs.write_json("config.json", config.to_dict())
     if changes:
         logging.warning(
             "%s resumes at step %d with changed optimisation fields (recorded in history.jsonl): %s",
@@ -305,10 +421,9 @@ def run(
             start_step,
             {k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()},
         )
-        history.add(
+        outputs.history.add(
             start_step, {"event": "resume_changes", "changes": {k: list(v) for k, v in changes.items()}}
         )
-
     logging.info(
         "%s: steps %d -> %d, global batch %d over %d device(s)",
         task.name,
@@ -317,155 +432,23 @@ def run(
         config.train_batch_size,
         mesh.devices.size,
     )
-    collected: list[dict[str, jax.Array]] = []
-    train_summary: dict[str, float] = {}
-    eval_summary: dict[str, float] = {}
-    skipped = {"total": 0}
+    training = _Training(task, checkpointer, stop, start_step)
+    training.state = state
+    cadence = Cadence.of(config, total)
+    summaries = {"train": {}, "eval": {}}
     t_start = time.time()
-    step = start_step
-    inspected = [start_step]  # the steps up to here have had their guard flags read
-
-    def log_record(step: int, record: dict[str, Any]) -> None:
-        writer.write_scalars(step, record)
-        history.add(step, record)
-
-    def save(state: TrainState, force: bool = False) -> None:
-        # Halted states carry the budget one past its end; saved, they carry the budget used.
-        state = state.replace(skipped_steps=jnp.minimum(state.skipped_steps, max_skipped))
-        checkpointer.save(int(jax.device_get(state.step)), state, config, force=force)
-
-    def inspect(at_step: int, step_metrics: dict[str, jax.Array]) -> None:
-        """Reads the guard's flags of step ``at_step``; stops the run if it halted there."""
-        if at_step <= inspected[0]:
-            return
-        inspected[0] = at_step
-        flags = _guard_flags(step_metrics)
-        skipped["total"] = int(flags["skipped_steps"])
-        if flags["halted"]:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k not in GUARD_METRICS}
-            shown = ", ".join(f"{k}={values[k]:.4g}" for k in ("loss", "grad_norm") if k in values)
-            save(state, force=True)
-            checkpointer.wait_until_finished()
-            kept = int(jax.device_get(state.step))
-            allowance = (
-                f"all {max_skipped} allowed skips were used before it"
-                if max_skipped
-                else "the run stops at the first such step (config.skip_nonfinite_steps=0)"
-            )
-            parts = ", ".join(nonfinite_parts(flags["nonfinite_parts"]))
-            raise TrainingDiverged(
-                f"{task.name} diverged at step {at_step}: non-finite {parts} ({shown}); the step was "
-                f"not applied and {allowance}. The last finite state "
-                f"(step {kept}) is saved in {checkpointer.path(kept)}. Resume from it with a lower "
-                f"learning rate (--config.learning_rate={_suggested_learning_rate(config)} "
-                "--config.resume_changes=learning_rate) or let the run skip such steps "
-                "(--config.skip_nonfinite_steps=N); if it diverges again at once, the weights were already "
-                "ruined before this step: start afresh in a new --workdir."
-            )
-        if flags["nonfinite"]:
-            logging.warning(
-                "%s step %d: non-finite %s; the step was skipped (%d of %d allowed).",
-                task.name,
-                at_step,
-                ", ".join(nonfinite_parts(flags["nonfinite_parts"])),
-                skipped["total"],
-                max_skipped,
-            )
-
-    def settle(step_metrics: dict[str, jax.Array] | None) -> None:
-        """Waits for the current step and checks it, before its state is saved, evaluated or shown."""
-        if step_metrics is not None:
-            inspect(step, step_metrics)
-
-    def interrupted(during: str) -> Interrupted:
-        if int(jax.device_get(state.step)) > 0:  # a fresh run stopped before its first step saves nothing
-            save(state, force=True)
-        checkpointer.wait_until_finished()
-        saved_step = checkpointer.latest_step()
-        where = (
-            f"the checkpoint of step {saved_step} is in {checkpointer.path(saved_step)}"
-            if saved_step is not None
-            else "no step had finished, so there is nothing to save"
-        )
-        return Interrupted(
-            f"{task.name} stopped by {stop.name} {during}; {where}. Run the same command to resume.",
-            stop.requested or signal.SIGINT,
-        )
-
-    def run_eval(final: bool) -> dict[str, float]:
-        try:
-            return evaluate(task, state, eval_fn, data, stop)
-        except _EvalInterrupted:
-            raise interrupted(f"during the {'final ' if final else ''}evaluation at step {step}") from None
-
     completed = False
     try:
-        train_iter = global_iterator(task.train_data(start_step), data)
-        last_metrics: dict[str, jax.Array] | None = None
-        while step < total:
-            if stop.requested:
-                settle(last_metrics)
-                raise interrupted(f"at step {step}")
-            batch = next(train_iter)
-            try:
-                state, step_metrics = train_fn(state, batch, *task.extra)
-                step += 1
-                if last_metrics is not None:
-                    # At most one step in flight: progress and ETA measure compute, not dispatch, and
-                    # the host never queues up an unbounded number of batches. The finished step's
-                    # guard flags are read here, for free.
-                    jax.block_until_ready(last_metrics)
-                    inspect(step - 1, last_metrics)
-                last_metrics = step_metrics
-                collected.append(step_metrics)
-                for hook in hooks:
-                    hook(step)
-                if step % config.log_every_steps == 0 or step == total:
-                    settle(step_metrics)
-                    train_summary = _average(collected)
-                    collected = []
-                    record = {f"train/{k}": v for k, v in train_summary.items()}
-                    if skipped["total"]:
-                        record["train/skipped_steps"] = float(skipped["total"])
-                    log_record(step, record)
-                    logging.info(
-                        "%s step %d/%d: %s",
-                        task.name,
-                        step,
-                        total,
-                        ", ".join(f"{k}={v:.4g}" for k, v in sorted(train_summary.items())),
-                    )
-                if step % config.checkpoint_steps == 0 and step < total:
-                    settle(step_metrics)
-                    save(state)
-                if eval_fn is not None and config.eval_every_steps and step % config.eval_every_steps == 0:
-                    if step < total:
-                        settle(step_metrics)
-                        eval_summary = run_eval(final=False)
-                        log_record(step, {f"eval/{k}": v for k, v in eval_summary.items()})
-                        logging.info("%s eval at step %d: %s", task.name, step, eval_summary)
-                if step_hooks:
-                    settle(step_metrics)
-                    for hook in step_hooks:
-                        hook(step, state)
-            except KeyboardInterrupt as e:
-                if isinstance(e, Interrupted) or stop.forced:
-                    raise
-                # Raised by a hook or by code that does not know about ``stop``: the state is whole.
-                stop.requested = stop.requested or signal.SIGINT
-                settle(last_metrics)
-                raise interrupted(f"at step {step}") from None
-        settle(last_metrics)
-
+        _train_loop(training, cadence, outputs, train_fn, eval_fn, data, step_hooks, summaries)
         # The final checkpoint is written before the final evaluation, so that an interrupt during
         # the evaluation loses no training; a rerun then only evaluates.
-        save(state, force=True)
+        training.save(force=True)
         if stop.requested:
-            raise interrupted(f"after the last step ({step})")
+            raise training.interrupted(f"after the last step ({training.step})")
         if eval_fn is not None:
-            eval_summary = run_eval(final=True)
-            log_record(step, {f"eval/{k}": v for k, v in eval_summary.items()})
-            logging.info("%s final eval at step %d: %s", task.name, step, eval_summary)
+            summaries["eval"] = training.evaluate(eval_fn, data, final=True)
+            outputs.record(training.step, {f"eval/{k}": v for k, v in summaries["eval"].items()})
+            logging.info("%s final eval at step %d: %s", task.name, training.step, summaries["eval"])
         checkpointer.wait_until_finished()
         completed = True
     finally:
@@ -474,18 +457,17 @@ def run(
             checkpointer.wait_until_finished()
             checkpointer.close()
         finally:
-            writer.flush()
-            writer.close()
+            outputs.close()
     elapsed = time.time() - t_start
-    steps_run = step - start_step
+    steps_run = training.step - start_step
     results = {
         "stage": task.name,
-        "final_step": step,
+        "final_step": training.step,
         "total_steps": total,
-        "completed": completed and step >= total,
-        "train": train_summary,
-        "eval": eval_summary,
-        "skipped_steps": skipped["total"],
+        "completed": completed and training.step >= total,
+        "train": summaries["train"],
+        "eval": summaries["eval"],
+        "skipped_steps": training.guard.skipped,
         "wall_time_s": time.time() - t_run,  # this run, set-up and evaluation included
         "train_loop_time_s": elapsed,
         "steps_this_run": steps_run,
@@ -494,6 +476,62 @@ def run(
         "augment_on_device": task.augment_on_device,
         **task.info,
     }
-    _write_json(workdir_path / "results.json", results)
-    results["state"] = state
+    outputs.write_json("results.json", results)
+    results["state"] = training.state
     return results
+
+
+def _train_loop(
+    training: _Training,
+    cadence: Cadence,
+    outputs: Outputs,
+    train_fn: Callable,
+    eval_fn: Callable | None,
+    data_sharding,
+    step_hooks: Iterable[Callable[[int, TrainState], None]],
+    summaries: dict[str, dict[str, float]],
+) -> None:
+    """Steps until ``cadence.total``, logging, saving and evaluating on the way (see ``Cadence``)."""
+    task, stop = training.task, training.stop
+    train_iter = global_iterator(task.train_data(training.step), data_sharding)
+    collected: list[dict[str, jax.Array]] = []
+    while training.step < cadence.total:
+        if stop.requested:
+            training.settle()
+            raise training.interrupted(f"at step {training.step}")
+        batch = next(train_iter)
+        try:
+            step_metrics = training.train_step(train_fn, batch)
+            step = training.step
+            collected.append(step_metrics)
+            outputs.after_step(step)
+            if cadence.log(step):
+                training.settle()
+                summaries["train"] = average(collected)
+                collected = []
+                record = {f"train/{k}": v for k, v in summaries["train"].items()}
+                if training.guard.skipped:
+                    record["train/skipped_steps"] = float(training.guard.skipped)
+                outputs.record(step, record)
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(summaries["train"].items()))
+                logging.info("%s step %d/%d: %s", task.name, step, cadence.total, shown)
+            if cadence.save(step):
+                training.settle()
+                training.save()
+            if eval_fn is not None and cadence.evaluate(step):
+                training.settle()
+                summaries["eval"] = training.evaluate(eval_fn, data_sharding, final=False)
+                outputs.record(step, {f"eval/{k}": v for k, v in summaries["eval"].items()})
+                logging.info("%s eval at step %d: %s", task.name, step, summaries["eval"])
+            if step_hooks:
+                training.settle()
+                for hook in step_hooks:
+                    hook(step, training.state)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted) or stop.forced:
+                raise
+            # Raised by a hook or by code that does not know about ``stop``: the state is whole.
+            stop.requested = stop.requested or signal.SIGINT
+            training.settle()
+            raise training.interrupted(f"at step {training.step}") from None
+    training.settle()

@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from simclrv2_jax import losses
+from simclrv2_jax.train import losses
 
 
 @dataclasses.dataclass(frozen=True)

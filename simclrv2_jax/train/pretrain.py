@@ -16,11 +16,10 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
-from simclrv2_jax import losses, parallel
 from simclrv2_jax.data.sources import DataSource
-from simclrv2_jax.parallel import DATA_AXIS
-from simclrv2_jax.train import components, inputs
+from simclrv2_jax.train import components, inputs, losses, parallel
 from simclrv2_jax.train.memory import MomentumMemory
+from simclrv2_jax.train.parallel import DATA_AXIS
 from simclrv2_jax.train.task import Task
 
 

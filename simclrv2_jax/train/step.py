@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from simclrv2_jax import losses, optim
+from simclrv2_jax.train import losses, optim
 from simclrv2_jax.train.state import TrainState
 
 LossFn = Callable[[dict, dict, Any], tuple[jax.Array, dict]]

@@ -6,7 +6,7 @@ Layout of a stage's workdir::
     WORKDIR/checkpoints/<step>/config   the run's config as JSON
 
 A later stage reads ``params`` and ``batch_stats`` of an earlier stage's latest checkpoint by name
-(``load_variables``); the parts the new model has (backbone, the projection-head layers up to
+(``SavedRun.load_variables``); the parts the new model has (backbone, the projection-head layers up to
 ``ft_proj_selector``) must be present with the same shapes, anything else is ignored.
 
 Nothing non-finite is ever saved, and a resumed run restores the newest checkpoint that loads: one
@@ -19,7 +19,6 @@ differences listed; it is not moved.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,22 +29,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from simclrv2_jax import optim, parallel
-from simclrv2_jax.fields import ARCH_FIELDS
+from simclrv2_jax.checkpoints.saved_run import CHECKPOINT_SUBDIR, CheckpointError, SavedRun, absolute
 from simclrv2_jax.models import block_stack
+from simclrv2_jax.train import optim, parallel
 
-CHECKPOINT_SUBDIR = "checkpoints"
 SET_ASIDE_SUBDIR = "checkpoints_set_aside"
-
-
-def _absolute(path: str) -> epath.Path:
-    """Orbax needs absolute paths; object-store URLs (gs://...) already are."""
-    path = os.fspath(path)
-    return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing or does not fit the model being built."""
 
 
 def _brief(error: BaseException) -> str:
@@ -81,7 +69,7 @@ class Checkpointer:
     def __init__(
         self, workdir: str, *, max_to_keep: int = 5, save_interval_steps: int = 1, async_save: bool = True
     ):
-        self.workdir = _absolute(workdir)
+        self.workdir = absolute(workdir)
         self.directory = self.workdir / CHECKPOINT_SUBDIR
         self._options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
@@ -127,21 +115,7 @@ class Checkpointer:
         """The config JSON saved with ``step``; None if that checkpoint has none."""
         if not (self.path(step) / "config").exists():
             return None
-        manager = _reader(self.directory)
-        try:
-            return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        finally:
-            manager.close()
-
-    def _saved_tree(self, step: int) -> Any:
-        manager = _reader(self.directory)
-        try:
-            metadata = manager.item_metadata(step)["state"]
-        finally:
-            manager.close()
-        if metadata is None:
-            raise FileNotFoundError("the state's metadata is missing")
-        return metadata.tree if hasattr(metadata, "tree") else metadata
+        return SavedRun(self.directory).step_config(step)
 
     def _check_structure(self, step: int, saved_tree: Any, abstract_state: Any) -> None:
         """CheckpointError listing the differences if the saved state has another structure."""
@@ -171,7 +145,7 @@ class Checkpointer:
         A state saved with the other block layout (``scan_blocks``) is read in its own layout and
         converted (``models.block_stack``), each array then placed on ``abstract_state``'s sharding.
         """
-        saved_tree = self._saved_tree(step)
+        saved_tree = SavedRun(self.directory).step_tree(step)
         as_saved = block_stack.like(abstract_state, saved_tree)
         self._check_structure(step, saved_tree, as_saved)
         restored = self.manager.restore(
@@ -245,134 +219,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def checkpoint_dir(path: str, flag: str = "--config.checkpoint") -> tuple[epath.Path, int]:
-    """Accepts a stage workdir, its checkpoints/ folder, or one step's folder; returns (dir, step).
-
-    ``flag`` is the command-line flag that gave ``path``, named in the error if it does not exist.
-    """
-    p = _absolute(path)
-    if not p.exists():
-        raise CheckpointError(
-            f"Checkpoint path {path} does not exist. Point {flag} at a "
-            "stage's workdir, its checkpoints/ folder or one step folder in it."
-        )
-    if (p / "state").exists() and p.name.isdigit():
-        return p.parent, int(p.name)
-    if (p / CHECKPOINT_SUBDIR).exists():
-        p = p / CHECKPOINT_SUBDIR
-    steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / "state").exists())
-    if not steps:
-        raise CheckpointError(
-            f"No finished checkpoint under {path} (expected <step>/state folders). "
-            "Has that stage saved a checkpoint yet?"
-        )
-    return p, steps[-1]
-
-
-def _reader(directory: epath.Path) -> ocp.CheckpointManager:
-    """A read-only manager that knows both items, so their metadata can be read before restoring."""
-    return ocp.CheckpointManager(
-        directory,
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(create=False),
-    )
-
-
-def read_config(path: str, flag: str = "--config.checkpoint") -> dict[str, Any]:
-    """The config JSON saved beside the latest checkpoint under ``path`` (given by ``flag``)."""
-    directory, step = checkpoint_dir(path, flag)
-    manager = _reader(directory)
-    try:
-        return manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    finally:
-        manager.close()
-
-
-def saved_modules(path: str) -> set[str]:
-    """The top-level parameter modules of the latest checkpoint under ``path`` (read from metadata),
-    e.g. ``{'backbone', 'head_projection', 'head_supervised'}``."""
-    directory, step = checkpoint_dir(path)
-    manager = _reader(directory)
-    try:
-        metadata = manager.item_metadata(step)["state"]
-    finally:
-        manager.close()
-    saved = metadata.tree if hasattr(metadata, "tree") else metadata
-    return set(saved.get("params", {}))
-
-
-def _paths(tree: Any) -> dict[str, Any]:
-    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def load_variables(
-    path: str, target: dict[str, Any], *, sharding: jax.sharding.Sharding, what: str = "checkpoint"
-) -> tuple[dict[str, Any], int]:
-    """Restores ``{'params', 'batch_stats'}`` from the checkpoint at ``path`` into ``target``'s structure.
-
-    ``target`` (arrays or ShapeDtypeStructs) names what the new model needs; every one of its leaves
-    must exist in the checkpoint with the same shape, else a ``CheckpointError`` lists the
-    differences on both sides. Returns the restored variables and the checkpoint's step.
-    """
-    directory, step = checkpoint_dir(path)
-    manager = _reader(directory)
-    try:
-        metadata = manager.item_metadata(step)["state"]
-        saved = metadata.tree if hasattr(metadata, "tree") else metadata
-        saved = {k: saved[k] for k in ("params", "batch_stats") if k in saved}
-        shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), target)
-        # The target in the checkpoint's block layout (scan_blocks may differ between the stages).
-        as_saved = block_stack.like(shapes, saved)
-        saved_paths = _paths(saved)
-        want_paths = _paths(as_saved)
-        missing = sorted(set(want_paths) - set(saved_paths))
-        mismatched = sorted(
-            p
-            for p in set(want_paths) & set(saved_paths)
-            if tuple(want_paths[p].shape) != tuple(saved_paths[p].shape)
-        )
-        if missing or mismatched:
-            lines = [f"The {what} at {directory / str(step)} does not fit the model this config builds."]
-            for p in mismatched[:10]:
-                lines.append(
-                    f"  {p}: checkpoint has shape {tuple(saved_paths[p].shape)}, "
-                    f"model needs {tuple(want_paths[p].shape)}"
-                )
-            for p in missing[:10]:
-                lines.append(f"  {p}: needed by the model, absent from the checkpoint")
-            extra = max(0, len(missing) - 10) + max(0, len(mismatched) - 10)
-            if extra > 0:
-                lines.append(f"  ... and {extra} more")
-            lines.append(
-                f"Check {', '.join(ARCH_FIELDS)} and ft_proj_selector against the checkpoint's config.json."
-            )
-            raise CheckpointError("\n".join(lines))
-        abstract = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved
-        )
-        # Partial restore: only params and batch_stats are read, never the optimiser state.
-        restore = ocp.args.PyTreeRestore(
-            item=abstract,
-            partial_restore=True,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
-    finally:
-        manager.close()
-    restored_paths = _paths(restored)
-    picked = jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(as_saved), [restored_paths[p] for p in want_paths]
-    )
-    converted = _paths(block_stack.like(picked, shapes))
-    leaves = [converted[p] for p in _paths(target)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves), step
-
-
-def initialize_from(path: str, mesh: jax.sharding.Mesh, *, what: str, keep_head: bool):
+def initialize_from(
+    path: str, mesh: jax.sharding.Mesh, *, what: str, keep_head: bool, flag: str = "--config.checkpoint"
+):
     """A stage's ``initialize(state, tx)``: the weights and BN statistics of the checkpoint at ``path``.
 
     Every parameter the new model shares with the checkpoint is replaced by the saved one (see
-    ``load_variables``); the supervised head is taken only with ``keep_head``, otherwise it keeps its
+    ``SavedRun.load_variables``); the supervised head is taken only with ``keep_head``, otherwise it keeps its
     fresh initialisation. The optimiser state starts anew for the new parameters.
     """
 
@@ -380,7 +233,9 @@ def initialize_from(path: str, mesh: jax.sharding.Mesh, *, what: str, keep_head:
         target = {"params": dict(state.params), "batch_stats": state.batch_stats}
         if not keep_head:
             target["params"].pop("head_supervised", None)
-        restored, step = load_variables(path, target, sharding=parallel.replicated(mesh), what=what)
+        restored, step = SavedRun(path, flag).load_variables(
+            target, sharding=parallel.replicated(mesh), what=what
+        )
         params = {**state.params, **restored["params"]}
         logging.info(
             "Initialised from the %s at %s (step %d): %s", what, path, step, sorted(restored["params"])

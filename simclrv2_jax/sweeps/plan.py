@@ -22,7 +22,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_flags import config_path
 
-from simclrv2_jax.sweep import Overrides, SweepError, plain
+from simclrv2_jax.sweeps import Overrides, SweepError, plain
 
 MAX_NAME_CHARS = 150  # longer names become a readable prefix + a hash of the overrides
 PREFIX_CHARS = 100
@@ -81,7 +81,7 @@ def load_sweep(path: str) -> list[Overrides]:
     if not callable(get_sweep):
         raise SweepError(
             f"the sweep file {path} defines no get_sweep(). It must define get_sweep() returning a list "
-            "of override dicts, e.g. sweep.product(learning_rate=[0.1, 0.2]) (see configs/sweeps/)."
+            "of override dicts, e.g. sweeps.product(learning_rate=[0.1, 0.2]) (see configs/sweeps/)."
         )
     try:
         runs = get_sweep()
@@ -205,7 +205,7 @@ def apply_overrides(
 def plan_runs(base: ml_collections.ConfigDict, sweep: Sequence[Mapping[str, Any]], workdir: str) -> list[Run]:
     """Every run of the sweep built, type-checked and validated (``validation.validate``, what each
     stage runs first), named and placed in ``workdir/<name>``; raises on the first mistake."""
-    from simclrv2_jax.validation import validate
+    from simclrv2_jax.config.validation import validate
 
     if not sweep:
         raise SweepError("the sweep has no runs: get_sweep() returned an empty list.")

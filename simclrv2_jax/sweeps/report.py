@@ -18,8 +18,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from simclrv2_jax import workdir as workdir_lib
-from simclrv2_jax.sweep.plan import Run, swept_fields
+from simclrv2_jax.checkpoints import workdir as workdir_lib
+from simclrv2_jax.sweeps.plan import Run, swept_fields
 
 RECORD_NAME, CSV_NAME, PLOT_NAME = "sweep.json", "sweep.csv", "sweep.png"
 # What results.json holds besides its ``eval`` and ``train`` metrics that a sweep compares.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from simclrv2_jax.fields import LR_SCALINGS, OPTIMIZERS
+from simclrv2_jax.config.fields import LR_SCALINGS, OPTIMIZERS
 from simclrv2_jax.models.block_stack import is_stacked_path
 
 PyTree = Any

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from simclrv2_jax.fields import PARAM_SHARDINGS
+from simclrv2_jax.config.fields import PARAM_SHARDINGS
 from simclrv2_jax.models import block_stack
 from simclrv2_jax.models.block_stack import is_stacked_path
 

@@ -18,8 +18,8 @@ from typing import Any
 from absl import logging
 from etils import epath
 
-from simclrv2_jax import workdir as workdir_lib
-from simclrv2_jax.sweep import SweepError, plan, report
+from simclrv2_jax.checkpoints import workdir as workdir_lib
+from simclrv2_jax.sweeps import SweepError, plan, report
 
 LAUNCHES = ("local", "tpu", "print")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

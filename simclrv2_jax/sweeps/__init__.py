@@ -12,14 +12,14 @@
 A sweep file is Python with ``get_sweep()`` returning a list of override dicts, one per run (field
 name -> value; dotted names for nested fields), built with the helpers here or written out::
 
-    from simclrv2_jax import sweep
+    from simclrv2_jax import sweeps
 
     def get_sweep():
-        return sweep.product(learning_rate=[0.025, 0.05, 0.1], ft_proj_selector=[0, 1, 2])
+        return sweeps.product(learning_rate=[0.025, 0.05, 0.1], ft_proj_selector=[0, 1, 2])
 
 ``product`` crosses its factors (the first varies slowest), ``zip`` pairs them element by element,
 ``chain`` concatenates sweeps. A factor is ``field=[values]`` (or ``{"dotted.field": [values]}``) or
-a sweep itself, so they nest: ``sweep.chain(sweep.product(a=[1, 2], b=[3]), [{"a": 5}])``.
+a sweep itself, so they nest: ``sweeps.chain(sweeps.product(a=[1, 2], b=[3]), [{"a": 5}])``.
 
 Every run's config is the ``--config`` file with the command line's overrides, then the run's own;
 all of them are built, type-checked (as ``--config.FIELD=VALUE`` is) and validated before the first
@@ -53,22 +53,22 @@ def plain(value: Any) -> Any:
 def _field_values(where: str, field: str, values: Any) -> list[Overrides]:
     if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
         raise SweepError(
-            f"sweep.{where}: {field}={values!r} is not a list of values; write {field}=[{values!r}] for one."
+            f"sweeps.{where}: {field}={values!r} is not a list of values; write {field}=[{values!r}] for one."
         )
     values = list(values)
     if not values:
-        raise SweepError(f"sweep.{where}: {field} has no values.")
+        raise SweepError(f"sweeps.{where}: {field} has no values.")
     return [{field: plain(v)} for v in values]
 
 
 def _sweep(where: str, runs: Any) -> list[Overrides]:
     """A sweep (a sequence of override dicts) as a list of fresh dicts."""
     if isinstance(runs, (str, bytes, Mapping)) or not isinstance(runs, Iterable):
-        raise SweepError(f"sweep.{where}: {runs!r} is not a sweep (a list of override dicts).")
+        raise SweepError(f"sweeps.{where}: {runs!r} is not a sweep (a list of override dicts).")
     runs = list(runs)
     for i, run in enumerate(runs):
         if not isinstance(run, Mapping):
-            raise SweepError(f"sweep.{where}: element {i} of a sweep is {run!r}, not an override dict.")
+            raise SweepError(f"sweeps.{where}: element {i} of a sweep is {run!r}, not an override dict.")
     return [dict(run) for run in runs]
 
 
@@ -82,7 +82,7 @@ def _factors(where: str, args: tuple[Any, ...], fields: Mapping[str, Any]) -> li
             factors.append(_sweep(where, arg))
     factors += [_field_values(where, k, v) for k, v in fields.items()]
     if not factors:
-        raise SweepError(f"sweep.{where}() needs at least one field or sweep.")
+        raise SweepError(f"sweeps.{where}() needs at least one field or sweep.")
     return factors
 
 
@@ -91,7 +91,7 @@ def _merge(where: str, parts: Iterable[Overrides]) -> Overrides:
     for part in parts:
         for field, value in part.items():
             if field in merged:
-                raise SweepError(f"sweep.{where}: the field {field} is set by two of its factors.")
+                raise SweepError(f"sweeps.{where}: the field {field} is set by two of its factors.")
             merged[field] = value
     return merged
 
@@ -116,7 +116,7 @@ def zip(*sweeps: Any, **fields: Any) -> list[Overrides]:
     lengths = [len(f) for f in factors]
     if len(set(lengths)) > 1:
         described = ", ".join(f"{'/'.join(f[0]) if f else 'a sweep'} has {len(f)}" for f in factors)
-        raise SweepError(f"sweep.zip: the factors differ in length ({described}); give each the same count.")
+        raise SweepError(f"sweeps.zip: the factors differ in length ({described}); give each the same count.")
     return [_merge("zip", parts) for parts in builtins.zip(*factors)]
 
 
@@ -126,7 +126,8 @@ def chain(*sweeps: Any) -> list[Overrides]:
     for s in sweeps:
         if isinstance(s, Mapping):
             raise SweepError(
-                f"sweep.chain takes sweeps (lists of override dicts); write one run as a list: [{dict(s)!r}]."
+                "sweeps.chain takes sweeps (lists of override dicts); write one run as a list: "
+                f"[{dict(s)!r}]."
             )
         runs += _sweep("chain", s)
     return runs

@@ -1,19 +1,17 @@
 """Config fields: each group of fields, each list of choices and each shared default, defined once.
 
-The stage configs (``configs/pretrain.py``, ``configs/finetune.py``, ``configs/distill.py`` at the
-repository root) build on ``base_config`` and the presets here. This module imports nothing but
+The stage defaults and presets (``config/pretrain.py``, ``config/finetune.py``, ``config/distill.py``)
+build on ``base_config`` and the presets here. This module imports nothing but
 ``ml_collections`` so that loading a config is instant and never touches an accelerator.
 
 Field names follow the authors' public release wherever one exists (``train_batch_size``,
 ``learning_rate_scaling``, ``ft_proj_selector``, ...), so a command carries over. Every field is
 top-level and overridable: ``--config.train_batch_size=1024``. Unknown fields are rejected by the
-locked ConfigDict; impossible values by ``simclrv2_jax.validation.validate``.
+locked ConfigDict; impossible values by ``simclrv2_jax.config.validation.validate``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -271,28 +269,3 @@ def parse_preset_arg(
                 f"Unknown config preset {token!r} in {arg!r}. Known: {', '.join(known)}; "
                 f"model presets: {', '.join(sorted(MODEL_PRESETS))}."
             )
-
-
-# ---- The stage config files.
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def config_file(stage: str) -> str:
-    """Path of a stage's config file, ``configs/<stage>.py`` in the repository."""
-    if stage not in STAGES:
-        raise ValueError(f"Unknown stage {stage!r}; use one of {STAGES}.")
-    path = os.path.join(CONFIG_DIR, f"{stage}.py")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the stage configs live in the repository's configs/ folder, next to the "
-            "package. Install the package from a checkout (pip install -e .) or pass --config=PATH."
-        )
-    return path
-
-
-def get_config(stage: str, presets: str | None = None) -> ml_collections.ConfigDict:
-    """What ``--config=configs/<stage>.py:<presets>`` gives: that file's ``get_config(presets)``."""
-    spec = importlib.util.spec_from_file_location(f"simclrv2_jax_config_{stage}", config_file(stage))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(presets)

@@ -1,8 +1,8 @@
 """Print a model's parameter count per part without allocating its weights.
 
-python -m simclrv2_jax.models r152_3x_sk1
-python -m simclrv2_jax.models r18_0.25x --image_size=28 --num_classes=10
-python -m simclrv2_jax.models --all
+python -m simclrv2_jax.count_parameters r152_3x_sk1
+python -m simclrv2_jax.count_parameters r18_0.25x --image_size=28 --num_classes=10
+python -m simclrv2_jax.count_parameters --all
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from simclrv2_jax.fields import MODEL_PRESETS, model_preset
+from simclrv2_jax.config.fields import MODEL_PRESETS, model_preset
 from simclrv2_jax.models.simclr import SimCLRModel, parameter_counts
 
 PARTS = (
@@ -27,7 +27,7 @@ PARTS = (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m simclrv2_jax.models",
+        prog="python -m simclrv2_jax.count_parameters",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

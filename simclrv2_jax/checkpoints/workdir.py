@@ -25,7 +25,8 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from simclrv2_jax import fields
+from simclrv2_jax import config as config_lib
+from simclrv2_jax.config import fields
 
 LOCK_NAME = "lock.json"
 HEARTBEAT_S = 60.0
@@ -209,12 +210,6 @@ def running_run(workdir: epath.Path) -> dict[str, Any] | None:
     return WorkdirLock(workdir).live_holder()
 
 
-def _normalised(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
-    """The config as saved in a checkpoint (JSON): tuples become lists, keys strings."""
-    as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
-    return json.loads(json.dumps(as_dict))
-
-
 def finished_results(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
     """The run's ``results.json`` if it already ran to the end in ``workdir`` with this very config
     (``completed``, and ``config.json`` equal to ``config``), else None: such a run is skipped."""
@@ -224,14 +219,14 @@ def finished_results(workdir: str | os.PathLike, config: ml_collections.ConfigDi
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved != _normalised(config) or not results.get("completed"):
+    if saved != config_lib.plain(config) or not results.get("completed"):
         return None
     return results
 
 
 def config_changes(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
     """``{field: (saved value, current value)}`` for every field whose value differs."""
-    now = _normalised(config)
+    now = config_lib.plain(config)
     missing = object()
     return {
         k: (saved.get(k, "(absent)"), now.get(k, "(absent)"))
@@ -251,15 +246,16 @@ def check_resume(
     """
     if saved is None:
         return {}
-    changes = config_changes(saved, config)
-    # A field this version added (absent from the checkpoint's config) is no change while it keeps
-    # the stage's default value: checkpoints of earlier versions stay resumable.
-    added = [k for k, (before, _) in changes.items() if before == "(absent)"]
-    if added:
-        defaults = _normalised(fields.get_config(config.stage))
-        for k in added:
-            if k in defaults and defaults[k] == changes[k][1]:
-                del changes[k]
+    # The checkpoint's config read by the one rule for other versions (config.from_saved): a field
+    # added since keeps its default, so checkpoints of earlier versions stay resumable while it does.
+    as_saved = saved
+    try:
+        saved = config_lib.plain(config_lib.from_saved(saved))
+    except ValueError:
+        pass  # no known stage: every field is compared as saved
+    changes = {
+        k: (as_saved.get(k, "(absent)"), now) for k, (_, now) in config_changes(saved, config).items()
+    }
     allowed = {n.strip() for n in str(config.get("resume_changes", "")).split(",") if n.strip()}
     fixed = {
         k: v

@@ -7,7 +7,7 @@ from typing import Any
 
 import ml_collections
 
-from simclrv2_jax import fields
+from simclrv2_jax.config import fields
 from simclrv2_jax.models.heads import kept_head_layers
 from simclrv2_jax.models.resnet import BLOCK_SPECS, block_layout
 

@@ -1,7 +1,6 @@
 """``python -m simclrv2_jax.sweep --config=FILE[:presets] --sweep=SWEEP.py --workdir=DIR [--config.F=V ...]``.
 
-See the package docstring (``simclrv2_jax/sweep/__init__.py``) for the sweep-file format and what
-each flag does. The flags live here, not in the package, because sweep files import the package.
+See ``simclrv2_jax/sweeps/__init__.py`` for the sweep-file format and what each flag does.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags
 from ml_collections import config_flags
 
-from simclrv2_jax.sweep.launch import LAUNCHES
+from simclrv2_jax.cli import parse_flags
+from simclrv2_jax.sweeps.launch import LAUNCHES
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config file[:presets] that every run starts from.", lock_config=True
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     from simclrv2_jax.cli import config_value, configure_logging, run_reporting_user_errors, start_up
-    from simclrv2_jax.sweep.launch import run_sweep
+    from simclrv2_jax.sweeps.launch import run_sweep
 
     config = config_value(_CONFIG)
     trains_here = _LAUNCH.value == "local" and not (_DRY_RUN.value or _COLLECT_ONLY.value)
@@ -68,6 +68,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from simclrv2_jax.cli import parse_flags
-
     app.run(main, flags_parser=parse_flags)
