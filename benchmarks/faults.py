@@ -41,7 +41,7 @@ import threading
 import time
 import zlib
 
-from benchmarks.input_pipeline import cpu_info
+from benchmarks.common import cpu_info
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOMENTS = ("time", "step", "periodic_save", "eval", "final_eval", "final_save")

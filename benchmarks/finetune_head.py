@@ -17,21 +17,6 @@ import os
 import statistics
 
 from benchmarks import common
-from simclrv2_jax.config import get_config
-from simclrv2_jax.train import train_stage
-
-
-def run_one(pretrain: str, workdir: str, train_head: bool, seed: int) -> dict:
-    done = common.finished(workdir)
-    if done is not None:
-        return done
-    config = get_config("finetune", "fashion_mnist")
-    config.checkpoint = pretrain
-    config.train_proj_head_in_finetune = train_head
-    config.seed = seed
-    results = train_stage(config, workdir)
-    results.pop("state", None)
-    return results
 
 
 def main() -> None:
@@ -64,7 +49,14 @@ def main() -> None:
         runs = {}
         for seed in seeds:
             workdir = os.path.join(args.runs, f"{name}_seed{seed}")
-            results = run_one(args.pretrain, workdir, train_head, seed)
+            results = common.train_or_reuse(
+                workdir,
+                "finetune",
+                "fashion_mnist",
+                checkpoint=args.pretrain,
+                train_proj_head_in_finetune=train_head,
+                seed=seed,
+            )
             runs[str(seed)] = {
                 "test_top1": results["eval"]["top1"],
                 "test_loss": results["eval"]["loss"],

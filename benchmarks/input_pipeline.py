@@ -37,22 +37,7 @@ import time
 
 import numpy as np
 
-
-def cpu_info() -> dict:
-    info = {"cores_available": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        model = next(
-            line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
-        )
-        flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
-        info["model"] = model
-        info["simd"] = sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")))
-    except (OSError, StopIteration):
-        pass
-    return info
-
+from benchmarks.common import cpu_info
 
 # Step rates measured elsewhere that the input must keep up with (not measured by this benchmark).
 REPORTED_STEP_RATES = {

@@ -156,7 +156,7 @@ def main() -> None:
     device_counts = [int(d) for d in args.devices.split(",")]
     _setup_environment(max(device_counts))
 
-    from benchmarks.input_pipeline import cpu_info
+    from benchmarks.common import cpu_info
 
     rows = []
     for model in args.models.split(","):

@@ -59,18 +59,6 @@ def step_time(workdir: str) -> float | None:
         return None
 
 
-def finetune(workdir: str, pretrained: str, seed: int) -> dict:
-    done = common.finished(workdir)
-    if done is not None:
-        return done
-    config = get_config("finetune", "fashion_mnist")
-    config.checkpoint = pretrained
-    config.seed = seed
-    results = train_stage(config, workdir)
-    results.pop("state", None)
-    return results
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="64,128")
@@ -102,7 +90,13 @@ def main() -> None:
                 name = f"b{batch}_seed{seed}_memory{memory_size}"
                 pre_dir = os.path.abspath(os.path.join(args.runs, name, "pretrain"))
                 pre = pretrain(pre_dir, batch, args.steps, seed, memory_size, args.moco_momentum)
-                ft = finetune(os.path.join(args.runs, name, "finetune"), pre_dir, seed)
+                ft = common.train_or_reuse(
+                    os.path.join(args.runs, name, "finetune"),
+                    "finetune",
+                    "fashion_mnist",
+                    checkpoint=pre_dir,
+                    seed=seed,
+                )
                 row = {
                     "batch": batch,
                     "seed": seed,

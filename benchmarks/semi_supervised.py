@@ -16,14 +16,11 @@ instead of 30 (the paper shortens its 10% schedule too), which keeps the run wit
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 
-import jax
-
+from benchmarks import common
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train.pipeline import PIPELINE_STAGES, run_pipeline, stage_configs
 
@@ -44,14 +41,8 @@ def main() -> None:
     start_up()
 
     results = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "backend": jax.default_backend(),
-            "devices": jax.device_count(),
-            "cpu_count": os.cpu_count(),
-            "jax": jax.__version__,
-            "python": platform.python_version(),
-        },
+        "date": common.now(),
+        "machine": common.machine(),
         "runs": {},
     }
     first_pretrain = None

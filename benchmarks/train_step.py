@@ -28,7 +28,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.input_pipeline import cpu_info
+from benchmarks.common import cpu_info
 from simclrv2_jax import config as config_lib
 from simclrv2_jax.config import fields
 from simclrv2_jax.data.sources import InMemorySource

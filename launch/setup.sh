@@ -5,7 +5,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${SIMCLR_VENV:-.venv}"
-PYTHON="${PYTHON:-python3}"
+
+# The pinned set is tested on Python 3.12 (JAX 0.11 and later need it); take one where the machine has
+# it (on the PATH or installed by pyenv), else python3 (3.11 takes the pins' older JAX). PYTHON overrides.
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+  local candidate
+  for candidate in python3.12 "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    # A pyenv shim exists on the PATH even where it has no such version: run it to know.
+    if "$candidate" -c "import venv" >/dev/null 2>&1; then echo "$candidate"; return; fi
+  done
+  echo python3
+}
+PYTHON="$(pick_python)"
+python_version="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ -x "$VENV/bin/python" ] && [ "$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" != "$python_version" ]; then
+  echo "[setup] $VENV has another Python than $PYTHON ($python_version): creating it afresh"
+  rm -rf "$VENV"
+fi
 
 fmnist=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
@@ -19,7 +36,7 @@ if [ ! -f "$fmnist" ] && command -v apt-get >/dev/null 2>&1; then
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[setup] creating the virtual environment $VENV"
+  echo "[setup] creating the virtual environment $VENV (Python $python_version)"
   "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.simclr-installed"

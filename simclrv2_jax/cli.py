@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from absl import flags, logging
+from ml_collections import ConfigDict, FieldReference
 
 
 class _QuietLibraries(logging_std.Filter):
@@ -151,3 +152,44 @@ def run_reporting_user_errors(fn, *args):
             file=sys.stderr,
         )
         return 128 + int(signal.SIGINT), None
+
+
+def data_override_fields(fields: dict[str, type]) -> ConfigDict:
+    """The ``--config.<field>`` overrides of a command reading a saved run (``evaluate``, ``explore``):
+    each of ``fields`` (name -> type), None = the saved run's value."""
+    c = ConfigDict()
+    for name, kind in fields.items():
+        c[name] = FieldReference(None, field_type=kind)
+    return c
+
+
+def data_override_message(error: BaseException, fields: dict[str, type]) -> str:
+    """The one ``error:`` line for a ``data_override_fields`` flag that is not one of ``fields`` or whose
+    value does not parse."""
+    allowed = ", ".join(f"--config.{name}" for name in fields)
+    if isinstance(error, (AttributeError, KeyError)):
+        return (
+            f"error: bad command line (evaluation cannot set {unknown_field(error)}: the network and its "
+            f"classes are the checkpoint's). Only the data settings may be given: {allowed}."
+        )
+    return (
+        f"error: bad command line ({' '.join(str(error).split())}). See --help for the flags and their types."
+    )
+
+
+def define_data_overrides(fields: dict[str, type], help_text: str):
+    """The ``--config`` flag of a command reading a saved run: ``--config.<field>`` for each of
+    ``fields``. ml_collections reads the overrides from sys.argv as the flag is defined, so a mistake
+    is reported here, in one ``error:`` line and exit code 2."""
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_dict("config", data_override_fields(fields), help_text)
+    except COMMAND_LINE_ERRORS as e:
+        print(data_override_message(e, fields), file=sys.stderr)
+        sys.exit(2)
+
+
+def data_flags_parser(fields: dict[str, type]) -> Callable[[list[str]], list[str]]:
+    """``parse_flags`` for such a command, its mistakes worded by ``data_override_message``."""
+    return lambda argv: parse_flags(argv, lambda e: data_override_message(e, fields))

@@ -12,20 +12,16 @@ distillation run, or a converted release checkpoint. See ``simclrv2_jax.evaluati
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from simclrv2_jax.cli import COMMAND_LINE_ERRORS, parse_flags
+from simclrv2_jax.cli import data_flags_parser, define_data_overrides
 from simclrv2_jax.evaluation.evaluator import (
     EVAL_FIELDS,
     RESULTS_NAME,
-    bad_override_message,
     evaluate_run,
-    override_fields,
 )
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run to evaluate (or a converted checkpoint's workdir).")
@@ -40,13 +36,7 @@ _TIMEOUT = flags.DEFINE_float(
 _POLL = flags.DEFINE_float(
     "poll_s", 10.0, "With --every_checkpoint: seconds between looks for new checkpoints."
 )
-try:  # a config_dict flag reads its overrides from sys.argv when it is defined
-    _CONFIG = config_flags.DEFINE_config_dict(
-        "config", override_fields(), f"Data settings: --config.<field> for {', '.join(EVAL_FIELDS)}."
-    )
-except COMMAND_LINE_ERRORS as e:
-    print(bad_override_message(e), file=sys.stderr)
-    sys.exit(2)
+_CONFIG = define_data_overrides(EVAL_FIELDS, f"Data settings: --config.<field> for {', '.join(EVAL_FIELDS)}.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -87,4 +77,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: parse_flags(argv, bad_override_message))
+    app.run(main, flags_parser=data_flags_parser(EVAL_FIELDS))

@@ -15,15 +15,13 @@ fields can be set as for ``evaluate`` (``--config.dataset``, ``--config.data_dir
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from simclrv2_jax.cli import COMMAND_LINE_ERRORS, parse_flags
-from simclrv2_jax.evaluation.evaluator import bad_override_message, override_fields
+from simclrv2_jax.cli import data_flags_parser, define_data_overrides
+from simclrv2_jax.evaluation.evaluator import EVAL_FIELDS
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run (or a converted checkpoint's workdir).")
 _STEP = flags.DEFINE_integer("step", None, "The checkpoint step (default: the latest).")
@@ -31,11 +29,7 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 8, "Evaluation images to show."
 _NEIGHBOURS = flags.DEFINE_integer("neighbours", 5, "Nearest training images shown per image.")
 _KNN_K = flags.DEFINE_integer("knn_k", 20, "Neighbours that vote in the k-NN accuracy.")
 _BANK = flags.DEFINE_integer("bank_size", 10000, "Training images in the neighbour bank (0: all).")
-try:  # a config_dict flag reads its overrides from sys.argv when it is defined
-    _CONFIG = config_flags.DEFINE_config_dict("config", override_fields(), "Data settings, as for evaluate.")
-except COMMAND_LINE_ERRORS as e:
-    print(bad_override_message(e), file=sys.stderr)
-    sys.exit(2)
+_CONFIG = define_data_overrides(EVAL_FIELDS, "Data settings, as for evaluate.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -64,4 +58,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=lambda argv: parse_flags(argv, bad_override_message))
+    app.run(main, flags_parser=data_flags_parser(EVAL_FIELDS))

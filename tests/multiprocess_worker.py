@@ -35,7 +35,7 @@ def main() -> None:
             yield batch
 
     array_pipeline.train_batches = recording
-    from fakedata import tiny
+    from conftest import tiny
 
     config = tiny(
         get_config("pretrain", "fashion_mnist"),

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from fakedata import IDX_FILES, TINY_MODEL, read_checkpoint, subprocess_env, write_fake_fashion_mnist
+from conftest import IDX_FILES, TINY_MODEL, read_checkpoint, subprocess_env, write_fake_fashion_mnist
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 REPO = Path(__file__).resolve().parents[1]

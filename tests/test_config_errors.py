@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakedata import flat, read_checkpoint, tiny
+from conftest import flat, read_checkpoint, tiny
 
 from simclrv2_jax.checkpoints import CheckpointError
 from simclrv2_jax.config import get_config
@@ -20,7 +20,6 @@ from simclrv2_jax.data import sources
 from simclrv2_jax.train import parallel, train_stage
 from simclrv2_jax.train import pretrain as pretrain_stage
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,8 +20,6 @@ import pytest
 from simclrv2_jax.checkpoints import release as convert
 from simclrv2_jax.models.resnet import block_layout
 
-pytest_plugins = ("fakedata",)  # fake data and the compilation cache for the command-line test
-
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"official-checkpoint fixtures not found at {FIXTURES}"
@@ -369,7 +367,7 @@ def run_command(module, args, env):
 def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
     tmp_path, fake_data_dir, jax_compile_cache
 ):
-    from fakedata import numpy_metrics, read_checkpoint, split_images, subprocess_env
+    from conftest import numpy_metrics, read_checkpoint, split_images, subprocess_env
 
     from simclrv2_jax.data import device_augment
 

@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import numpy_metrics, split_images
 
 from simclrv2_jax import checkpoints
 from simclrv2_jax.checkpoints import CheckpointError
@@ -23,10 +24,6 @@ from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.data import device_augment
 from simclrv2_jax.evaluation import evaluator as evaluate
 from simclrv2_jax.train import components, parallel
-
-pytest_plugins = ("fakedata",)
-
-from fakedata import numpy_metrics, split_images  # noqa: E402
 
 
 def reference(config, variables, data_dir, head_mode="pretrain"):
@@ -64,7 +61,7 @@ def test_numpy_metrics_by_hand():
 
 
 def test_latest_checkpoint_of_a_pretraining_run(pretrain_run, fake_data_dir, tmp_path):
-    from fakedata import PRETRAIN_STEPS, read_checkpoint
+    from conftest import PRETRAIN_STEPS, read_checkpoint
 
     out = tmp_path / "out"
     (entry,) = evaluate.evaluate_run(str(pretrain_run["workdir"]), output_dir=str(out))
@@ -247,7 +244,7 @@ def test_command_line_refuses_fields_it_cannot_change(tmp_path, jax_compile_cach
     import sys
     from pathlib import Path
 
-    from fakedata import subprocess_env
+    from conftest import subprocess_env
 
     proc = subprocess.run(
         [

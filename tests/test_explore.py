@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 import pytest
-from fakedata import read_idx_gz
+from conftest import read_idx_gz
 
 from simclrv2_jax.data import fetch, sources
 from simclrv2_jax.evaluation import explore, plots
@@ -33,7 +33,7 @@ def test_fashion_mnist_written_as_idx_files_reads_back(tmp_path):
     assert fetch.has_fashion_mnist(tmp_path)
     for split, (image_file, label_file) in sources.FASHION_MNIST_FILES.items():
         images, labels = splits[split]
-        # Read with the format's own description (fakedata.read_idx_gz), not the package's reader.
+        # Read with the format's own description (conftest.read_idx_gz), not the package's reader.
         np.testing.assert_array_equal(read_idx_gz(tmp_path / image_file), images.reshape(-1, 28, 28))
         np.testing.assert_array_equal(read_idx_gz(tmp_path / label_file), labels)
     source = sources.get_source("fashion_mnist", str(tmp_path))

@@ -2,7 +2,7 @@
 released SavedModels and returns what the Flax model returns.
 
 The runs are tiny workdirs written with this project's own pieces -- the stage config of
-``fakedata.tiny``, a ``TrainState`` saved by ``checkpoints.Checkpointer`` and ``config.json`` beside
+``conftest.tiny``, a ``TrainState`` saved by ``checkpoints.Checkpointer`` and ``config.json`` beside
 it, as the training loop writes them -- but with every variable drawn at random instead of trained:
 two training steps cost over a minute of compiling on 2 cores, and random BN statistics and scales
 (the initialisation has zero gammas that hide a whole residual branch) make any wrong layer show.
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from fakedata import NUM_CLASSES, subprocess_env, tiny
+from conftest import NUM_CLASSES, subprocess_env, tiny
 
 from simclrv2_jax.checkpoints import Checkpointer, SavedRun
 from simclrv2_jax.checkpoints import savedmodel as export
@@ -32,7 +32,6 @@ from simclrv2_jax.config import get_config
 from simclrv2_jax.train import components, parallel
 from simclrv2_jax.train.state import create_train_state
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 checkpoints, concurrent runs and unusable workdirs.
 
 Each group below is one of the ways a run used to go wrong: the test states what a user sees now.
-Runs are the tiny pretraining config of ``fakedata.tiny`` (6 steps); "identical" means every leaf of
+Runs are the tiny pretraining config of ``conftest.tiny`` (6 steps); "identical" means every leaf of
 the state has the same bits as the session's uninterrupted ``pretrain_run``.
 """
 
@@ -19,8 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, subprocess_env, tiny
-from test_resume import STATE_PARTS, assert_identical, record_steps, saved_steps
+from conftest import (
+    PRETRAIN_STEPS,
+    STATE_PARTS,
+    assert_identical,
+    flat,
+    read_checkpoint,
+    record_steps,
+    saved_steps,
+    subprocess_env,
+    tiny,
+)
 
 from simclrv2_jax import cli
 from simclrv2_jax.checkpoints import CheckpointError
@@ -31,7 +40,6 @@ from simclrv2_jax.train.loop import Interrupted, TrainingDiverged
 from simclrv2_jax.train.state import TrainState
 from simclrv2_jax.train.step import guarded_update
 
-pytest_plugins = ("fakedata",)
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 N = PRETRAIN_STEPS  # 6

@@ -17,8 +17,6 @@ from simclrv2_jax.config import get_config
 from simclrv2_jax.train import losses, parallel
 from simclrv2_jax.train import pretrain as pretrain_stage
 
-pytest_plugins = ("fakedata",)
-
 
 @pytest.mark.parametrize(
     "presets", ["imagenet", "imagenet,1pct", "imagenet,10pct", "imagenet,100pct", "cifar10", "fashion_mnist"]
@@ -90,7 +88,7 @@ def test_per_device_bn_groups_hold_both_views_of_a_device_images(fake_data_dir):
     """With global_bn=False each replica of the release normalises its own images' two views
     together. On 2 devices with 4 images, device 0's rows (one BN group) must be both views of images
     0 and 1; NT-Xent still pairs view A of image i with view B of image i."""
-    from fakedata import tiny
+    from conftest import tiny
 
     config = tiny(
         get_config("pretrain", "fashion_mnist"),

@@ -6,14 +6,12 @@ The reference is the replicated run of the shared ``pretrain_run`` fixture (8 de
 import jax
 import numpy as np
 import pytest
-from fakedata import PRETRAIN_STEPS, assert_states_close, flat, read_checkpoint, tiny
+from conftest import PRETRAIN_STEPS, assert_states_close, flat, raise_at, read_checkpoint, saved_steps, tiny
 from jax.sharding import PartitionSpec as P
-from test_resume import raise_at, saved_steps
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import parallel, train_stage
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 N = PRETRAIN_STEPS

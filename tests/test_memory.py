@@ -13,17 +13,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fakedata import PRETRAIN_STEPS, flat, host_copy, read_checkpoint, tiny
+from conftest import PRETRAIN_STEPS, flat, host_copy, read_checkpoint, tiny
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import losses, train_stage
 from simclrv2_jax.train.memory import MomentumMemory
 
-pytest_plugins = ("fakedata",)
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 N = PRETRAIN_STEPS  # 6 steps, as the shared memory-free run
-BATCH = 16  # fakedata.tiny's global batch: 32 projections a step
+BATCH = 16  # conftest.tiny's global batch: 32 projections a step
 SLOTS = 48  # not a multiple of 32: the second step's write wraps around the end
 MOMENTUM = 0.9  # far from 1, so that the memory network visibly lags the encoder in 6 steps
 

@@ -11,13 +11,11 @@ import sys
 import jax
 import numpy as np
 import pytest
-from fakedata import flat, read_checkpoint, read_idx_gz, subprocess_env, tiny
-from test_resume import saved_steps
+from conftest import flat, read_checkpoint, read_idx_gz, saved_steps, subprocess_env, tiny
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
-pytest_plugins = ("fakedata",)
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 # A few steps: the tiny model at this learning rate is chaotic, so rounding differences between

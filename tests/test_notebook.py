@@ -17,9 +17,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from fakedata import read_idx_gz, subprocess_env
-
-pytest_plugins = ("fakedata",)  # fake data and the compilation cache
+from conftest import read_idx_gz, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "simclrv2_colab.ipynb"

@@ -2,7 +2,7 @@
 with the same parameters, BN statistics and optimiser state, bit for bit, as an uninterrupted run.
 
 All runs use the default mesh (the 8 virtual CPU devices of conftest) and the tiny config of
-``fakedata.tiny``; the uninterrupted run is the session's shared ``pretrain_run``.
+``conftest.tiny``; the uninterrupted run is the session's shared ``pretrain_run``.
 """
 
 import json
@@ -12,12 +12,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from fakedata import PRETRAIN_STEPS, flat, read_checkpoint, tiny
+from conftest import PRETRAIN_STEPS, flat, read_checkpoint, tiny
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 N = PRETRAIN_STEPS  # 6

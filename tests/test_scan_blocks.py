@@ -12,16 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from fakedata import PRETRAIN_STEPS, assert_states_close, flat, read_checkpoint, tiny
+from conftest import PRETRAIN_STEPS, assert_states_close, flat, raise_at, read_checkpoint, saved_steps, tiny
 from jax.sharding import PartitionSpec as P
-from test_resume import raise_at, saved_steps
 
 from simclrv2_jax import checkpoints
 from simclrv2_jax.config import get_config
 from simclrv2_jax.models import SimCLRModel, block_stack
 from simclrv2_jax.train import optim, parallel, train_stage
-
-pytest_plugins = ("fakedata",)
 
 # Bottleneck SK blocks, 1/3/1/2 per group: groups 2 and 4 scan 2 and 1 blocks, 1 and 3 none.
 ARCH = dict(

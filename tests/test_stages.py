@@ -12,7 +12,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from fakedata import MARKER, flat, host_copy, marked_state, read_checkpoint, tiny
+from conftest import MARKER, flat, host_copy, marked_state, read_checkpoint, tiny
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.data.array_pipeline import numpy_batches
@@ -20,7 +20,6 @@ from simclrv2_jax.train import distill as distill_stage
 from simclrv2_jax.train import finetune as finetune_stage
 from simclrv2_jax.train import loop, parallel, train_stage
 
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache, pretraining run
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 FEATURES = 64  # backbone output of ResNet-18 at width 0.125

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from fakedata import subprocess_env
+from conftest import subprocess_env
 from ml_collections import config_flags
 
 from simclrv2_jax import config as config_lib
@@ -26,8 +26,6 @@ from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.cli import run_reporting_user_errors
 from simclrv2_jax.sweeps import launch, plan, report
 from simclrv2_jax.train.loop import Interrupted
-
-pytest_plugins = ("fakedata",)  # shared fixtures: fake data, compilation cache
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_ARG = "configs/finetune.py:fashion_mnist"

@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from fakedata import TINY_MODEL, subprocess_env
+from conftest import TINY_MODEL, subprocess_env
 
-pytest_plugins = ("fakedata",)
 pytestmark = pytest.mark.usefixtures("jax_compile_cache")
 
 REPO = Path(__file__).resolve().parents[1]

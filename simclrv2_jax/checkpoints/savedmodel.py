@@ -54,9 +54,11 @@ stage, head mode, input shape, outputs, the config).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -79,6 +81,45 @@ class ExportError(ValueError):
 def named_outputs(outputs: dict[str, Any]) -> dict[str, Any]:
     """The model's outputs that the release returns, in float32."""
     return {k: v.astype(jnp.float32) for k, v in outputs.items() if k not in _NOT_EXPORTED}
+
+
+@contextlib.contextmanager
+def stablehlo_readable_by_tensorflow() -> Iterator[None]:
+    """jax2tf embeds the model as a StableHLO artifact serialized for a StableHLO version about four
+    weeks older than JAX's own; a TensorFlow release older than that cannot read it ("unregistered
+    operation 'vhlo....'"). While this is active the artifact is serialized for the StableHLO version of
+    the installed TensorFlow when that is the older one (StableHLO writes any version back to its
+    minimum, as long as the program uses no newer op). It replaces JAX's internal serialization
+    function for the duration; where JAX or TensorFlow lack what it needs, it changes nothing."""
+    try:
+        from jax._src.export import _export
+        from jax._src.lib import _jax
+        from jax._src.lib.mlir.dialects import hlo
+        from tensorflow.compiler.mlir.stablehlo import stablehlo as tf_stablehlo
+    except ImportError:
+        yield
+        return
+    original = getattr(_export, "_module_to_bytecode", None)
+    if original is None:
+        yield
+        return
+
+    def to_bytecode(module):
+        jax_target = hlo.get_version_from_compatibility_requirement(
+            hlo.StablehloCompatibilityRequirement.WEEK_4
+        )
+        target = hlo.get_smaller_version(jax_target, tf_stablehlo.get_current_version())
+        from jax._src import xla_bridge
+
+        return _jax.mlir.serialize_portable_artifact(
+            module, target, xla_bridge.get_backend().serialize_with_sdy
+        )
+
+    _export._module_to_bytecode = to_bytecode
+    try:
+        yield
+    finally:
+        _export._module_to_bytecode = original
 
 
 def _absolute(path: str) -> str:
@@ -210,14 +251,15 @@ def export_saved_model(
     partial = f"{out_path}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        module = build_module(run, image_size=image_size, platforms=tuple(platforms))
-        tf.saved_model.save(
-            module,
-            partial,
-            options=tf.saved_model.SaveOptions(experimental_custom_gradients=side is not None),
-        )
-        spec = input_spec(run, image_size)
-        outputs = module.__call__.get_concrete_function(spec, False).structured_outputs
+        with stablehlo_readable_by_tensorflow():
+            module = build_module(run, image_size=image_size, platforms=tuple(platforms))
+            tf.saved_model.save(
+                module,
+                partial,
+                options=tf.saved_model.SaveOptions(experimental_custom_gradients=side is not None),
+            )
+            spec = input_spec(run, image_size)
+            outputs = module.__call__.get_concrete_function(spec, False).structured_outputs
         info = {
             "workdir": _absolute(workdir),
             "checkpoint": run.checkpoint,

@@ -253,9 +253,7 @@ def check_resume(
         saved = config_lib.plain(config_lib.from_saved(saved))
     except ValueError:
         pass  # no known stage: every field is compared as saved
-    changes = {
-        k: (as_saved.get(k, "(absent)"), now) for k, (_, now) in config_changes(saved, config).items()
-    }
+    changes = {k: (as_saved.get(k, "(absent)"), now) for k, (_, now) in config_changes(saved, config).items()}
     allowed = {n.strip() for n in str(config.get("resume_changes", "")).split(",") if n.strip()}
     fixed = {
         k: v

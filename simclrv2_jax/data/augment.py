@@ -14,10 +14,9 @@ The ops follow the authors' public release (``data_util.py`` of google-research/
 
 from collections.abc import Sequence
 
+from simclrv2_jax.data import views
 from simclrv2_jax.data.tf_cpu import tf
-
-CROP_PROPORTION = 0.875  # Official eval centre crop (224 of 256).
-SMALL_IMAGE_SIZE = 32  # At or below this size the official code skips the eval crop and blur.
+from simclrv2_jax.data.views import CROP_PROPORTION, SMALL_IMAGE_SIZE, blur_kernel_size
 
 
 def _as_seed(seed) -> tf.Tensor:
@@ -65,9 +64,9 @@ def sample_crop_box(
     image_shape,
     seed,
     *,
-    area_range=(0.08, 1.0),
-    aspect_ratio_range=(3 / 4, 4 / 3),
-    max_attempts: int = 100,
+    area_range=views.CROP_AREA_RANGE,
+    aspect_ratio_range=views.CROP_ASPECT_RANGE,
+    max_attempts: int = views.CROP_MAX_ATTEMPTS,
     target_aspect: float = 1.0,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Samples the Inception-style crop box; returns ``(offset_yx, size_hw)`` int32 tensors.
@@ -82,7 +81,7 @@ def sample_crop_box(
         image_size=image_shape,
         bounding_boxes=whole_image,
         seed=_as_seed(seed),
-        min_object_covered=0.1,
+        min_object_covered=views.CROP_MIN_COVERED,
         aspect_ratio_range=(aspect_ratio_range[0] * target_aspect, aspect_ratio_range[1] * target_aspect),
         area_range=area_range,
         max_attempts=max_attempts,
@@ -96,9 +95,9 @@ def random_resized_crop(
     seed,
     height: int,
     width: int,
-    area_range=(0.08, 1.0),
-    aspect_ratio_range=(3 / 4, 4 / 3),
-    max_attempts: int = 100,
+    area_range=views.CROP_AREA_RANGE,
+    aspect_ratio_range=views.CROP_ASPECT_RANGE,
+    max_attempts: int = views.CROP_MAX_ATTEMPTS,
 ) -> tf.Tensor:
     """Random area/aspect crop, then bicubic resize to ``(height, width)`` and clip to [0, 1].
 
@@ -183,12 +182,8 @@ def color_jitter(
     invert the image (the official code raises there). For C == 1 saturation and hue are no-ops:
     a single-channel image has no chroma to change.
     """
-    amounts = [
-        0.8 * strength if brightness is None else brightness,
-        0.8 * strength if contrast is None else contrast,
-        0.8 * strength if saturation is None else saturation,
-        0.2 * strength if hue is None else hue,
-    ]
+    given = (brightness, contrast, saturation, hue)
+    amounts = [a * strength if g is None else g for a, g in zip(views.JITTER_AMOUNTS, given)]
     if any(a < 0 for a in amounts):
         raise ValueError(f"Colour jitter amounts must be >= 0, got {amounts}.")
     is_rgb = _num_channels(image) == 3
@@ -221,7 +216,11 @@ def color_jitter(
 
 
 def random_color_distortion(
-    image: tf.Tensor, seed, strength: float, p_jitter: float = 0.8, p_gray: float = 0.2
+    image: tf.Tensor,
+    seed,
+    strength: float,
+    p_jitter: float = views.JITTER_PROBABILITY,
+    p_gray: float = views.GRAYSCALE_PROBABILITY,
 ) -> tf.Tensor:
     """Colour jitter with p = 0.8, then grayscale with p = 0.2 (official ``random_color_jitter``
     with ``impl='simclrv2'``; the two coins are independent)."""
@@ -268,16 +267,13 @@ def gaussian_blur(image: tf.Tensor, sigma, kernel_size: int, padding: str = "SAM
     return x[0]
 
 
-def blur_kernel_size(height: int) -> int:
-    """Official size: radius ``height // 20``, i.e. ``height // 10`` made odd (23 for 224 px)."""
-    return 2 * ((height // 10) // 2) + 1
-
-
-def random_blur(image: tf.Tensor, seed, height: int, p: float = 0.5, padding: str = "SAME") -> tf.Tensor:
+def random_blur(
+    image: tf.Tensor, seed, height: int, p: float = views.BLUR_PROBABILITY, padding: str = "SAME"
+) -> tf.Tensor:
     """Blur with probability p, sigma ~ U(0.1, 2.0) (official ``random_blur``; the official
     pretraining applies it per example to each view, as ``batch_random_blur`` does)."""
     seeds = _split(seed, 2)
-    sigma = _uniform(seeds[1], 0.1, 2.0)
+    sigma = _uniform(seeds[1], *views.BLUR_SIGMA_RANGE)
     return _random_apply(
         lambda x: gaussian_blur(x, sigma, blur_kernel_size(height), padding), image, seeds[0], p
     )

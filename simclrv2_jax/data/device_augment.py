@@ -16,19 +16,25 @@ match TF's to float rounding (~1e-6). Where it differs, knowingly:
   column) is kept;
 * every op runs on the whole batch and ``where`` picks per example; the resize is two matmuls at
   ``Precision.HIGHEST`` (so TF32/bf16 passes on accelerators do not degrade it);
-* hue is rotated through HSV rather than TF's hue/V-range form (equal to ~1e-6); uint8 / 255 may
-  differ from TF's by an ulp; the crop-size arithmetic is exact for images under ~3000 px.
+* contrast, hue, flips and HSV -> RGB are dm-pix's ops (they match TF's to the tests' tolerance);
+  saturation keeps its own HSV round trip, which reproduces TF's saturation kernel where dm-pix does
+  not (pixels whose hue rounds to exactly 1.0, and near-black pixels); grayscale and blur stay
+  hand-written too (dm-pix's run at default matmul precision, and its blur takes one sigma per call);
+* uint8 / 255 may differ from TF's by an ulp; the crop-size arithmetic is exact for images under
+  ~3000 px.
 """
 
 from __future__ import annotations
 
+import dm_pix as pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-CROP_PROPORTION = 0.875
-SMALL_IMAGE_SIZE = 32
+from simclrv2_jax.data import views
+from simclrv2_jax.data.views import CROP_PROPORTION, SMALL_IMAGE_SIZE, blur_kernel_size
+
 _TABLE = 1024  # TF's bicubic coefficient table size (ResizeBicubic, kTableSize).
 _GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale.
 _HIGHEST = lax.Precision.HIGHEST
@@ -91,11 +97,11 @@ def sample_crop_boxes(
     num: int,
     image_hw,
     *,
-    area_range=(0.08, 1.0),
-    aspect_ratio_range=(3 / 4, 4 / 3),
-    max_attempts: int = 100,
+    area_range=views.CROP_AREA_RANGE,
+    aspect_ratio_range=views.CROP_ASPECT_RANGE,
+    max_attempts: int = views.CROP_MAX_ATTEMPTS,
     target_aspect: float = 1.0,
-    min_object_covered: float = 0.1,
+    min_object_covered: float = views.CROP_MIN_COVERED,
 ) -> tuple[jax.Array, jax.Array]:
     """Inception-style crop boxes as ``augment.sample_crop_box``: ``(offsets [num, 2] (y, x), sizes
     [num, 2] (h, w))`` int32, for ``num`` independent draws on an image of static size ``image_hw``.
@@ -219,7 +225,7 @@ def center_crop_and_resize(images, height: int, width: int, crop_proportion: flo
 def flip_left_right(images, flags) -> jax.Array:
     """Mirrors the examples whose ``flags`` (bool ``[B]``) are set."""
     images = jnp.asarray(images)
-    return _select(flags, images[:, :, ::-1], images)
+    return _select(flags, pix.flip_left_right(images), images)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,9 +238,8 @@ def adjust_brightness(x, factor) -> jax.Array:
 
 
 def adjust_contrast(x, factor) -> jax.Array:
-    """``tf.image.adjust_contrast``: per image and channel, ``(x - mean) * factor + mean``."""
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    return (x - mean) * _per_example(factor) + mean
+    """``tf.image.adjust_contrast`` (dm-pix): per image and channel, ``(x - mean) * factor + mean``."""
+    return pix.adjust_contrast(x, _per_example(factor))
 
 
 def rgb_to_hsv(x) -> jax.Array:
@@ -266,8 +271,8 @@ def _hsv6_to_rgb(h6, s, v) -> jax.Array:
 
 
 def hsv_to_rgb(x) -> jax.Array:
-    """HSV -> RGB as TF's kernel (a hue of exactly 1.0 falls in TF's ``default`` case: grey)."""
-    return _hsv6_to_rgb(x[..., 0] * 6.0, x[..., 1], x[..., 2])
+    """``tf.image.hsv_to_rgb`` (dm-pix), the inverse of ``rgb_to_hsv``."""
+    return pix.hsv_to_rgb(x)
 
 
 def adjust_saturation(x, factor) -> jax.Array:
@@ -278,11 +283,8 @@ def adjust_saturation(x, factor) -> jax.Array:
 
 
 def adjust_hue(x, delta) -> jax.Array:
-    """``tf.image.adjust_hue``: hue rotated by ``delta`` (fraction of a turn), RGB input."""
-    hsv = rgb_to_hsv(x)
-    h6 = jnp.mod(hsv[..., 0] * 6.0 + _per_example(delta)[..., 0] * 6.0, 6.0)
-    h6 = jnp.where(h6 >= 6.0, h6 - 6.0, h6)  # As TF, work in [0, 6): no rounding back to 1.0.
-    return _hsv6_to_rgb(h6, hsv[..., 1], hsv[..., 2])
+    """``tf.image.adjust_hue`` (dm-pix): hue rotated by ``delta`` (fraction of a turn), RGB input."""
+    return pix.adjust_hue(x, _per_example(delta)[..., 0])
 
 
 def to_grayscale(x) -> jax.Array:
@@ -302,16 +304,16 @@ def sample_color_jitter(key, num: int, strength: float) -> dict[str, jax.Array]:
     ``contrast``, ``saturation`` factors ~ U[max(0, 1 - 0.8s), 1 + 0.8s], ``hue`` ~ U[-0.2s, 0.2s]
     (all ``[num]``) and ``order`` ``[num, 4]``, a uniform random permutation of the four ops."""
     keys = jax.random.split(key, 5)
-    amount = 0.8 * strength
+    b, c, s, h = (a * strength for a in views.JITTER_AMOUNTS)
 
     def uniform(k, low, high):
         return jax.random.uniform(k, (num,), jnp.float32, low, high)
 
     return {
-        "brightness": uniform(keys[0], max(0.0, 1.0 - amount), 1.0 + amount),
-        "contrast": uniform(keys[1], max(0.0, 1.0 - amount), 1.0 + amount),
-        "saturation": uniform(keys[2], max(0.0, 1.0 - amount), 1.0 + amount),
-        "hue": uniform(keys[3], -0.2 * strength, 0.2 * strength),
+        "brightness": uniform(keys[0], max(0.0, 1.0 - b), 1.0 + b),
+        "contrast": uniform(keys[1], max(0.0, 1.0 - c), 1.0 + c),
+        "saturation": uniform(keys[2], max(0.0, 1.0 - s), 1.0 + s),
+        "hue": uniform(keys[3], -h, h),
         "order": jnp.argsort(jax.random.uniform(keys[4], (num, 4)), axis=-1),
     }
 
@@ -349,7 +351,13 @@ def _select(flags, if_true, if_false) -> jax.Array:
     return jnp.where(jnp.asarray(flags).reshape(-1, 1, 1, 1), if_true, if_false)
 
 
-def random_color_distortion(images, key, strength: float, p_jitter: float = 0.8, p_gray: float = 0.2):
+def random_color_distortion(
+    images,
+    key,
+    strength: float,
+    p_jitter: float = views.JITTER_PROBABILITY,
+    p_gray: float = views.GRAYSCALE_PROBABILITY,
+):
     """Jitter with probability ``p_jitter``, then grayscale with ``p_gray`` (independent coins)."""
     x = _to_float(images)
     num = x.shape[0]
@@ -365,11 +373,6 @@ def random_color_distortion(images, key, strength: float, p_jitter: float = 0.8,
 
 # ------------------------------------------------------------------------------------------------
 # Blur.
-
-
-def blur_kernel_size(height: int) -> int:
-    """Official size: radius ``height // 20`` (23 taps for 224 px)."""
-    return 2 * ((height // 10) // 2) + 1
 
 
 def gaussian_blur(images, sigmas, kernel_size: int) -> jax.Array:
@@ -395,13 +398,13 @@ def gaussian_blur(images, sigmas, kernel_size: int) -> jax.Array:
     return x
 
 
-def random_blur(images, key, height: int, p: float = 0.5) -> jax.Array:
+def random_blur(images, key, height: int, p: float = views.BLUR_PROBABILITY) -> jax.Array:
     """Blur with probability ``p`` per example, sigma ~ U(0.1, 2.0) (``augment.random_blur``)."""
     x = _to_float(images)
     if p <= 0:
         return x
     k_coin, k_sigma = jax.random.split(key)
-    sigma = jax.random.uniform(k_sigma, (x.shape[0],), jnp.float32, 0.1, 2.0)
+    sigma = jax.random.uniform(k_sigma, (x.shape[0],), jnp.float32, *views.BLUR_SIGMA_RANGE)
     blurred = gaussian_blur(x, sigma, blur_kernel_size(height))
     return blurred if p >= 1 else _select(_coin(k_coin, x.shape[0], p), blurred, x)
 
@@ -433,7 +436,7 @@ def preprocess_for_train(
     else:
         x = resize(x, height, width)
     if flip:
-        x = flip_left_right(x, _coin(k_flip, num, 0.5))
+        x = flip_left_right(x, _coin(k_flip, num, views.FLIP_PROBABILITY))
     if color_distort:
         x = random_color_distortion(x, k_color, color_jitter_strength)
     if use_blur:

@@ -36,7 +36,6 @@ from etils import epath
 from simclrv2_jax import config as config_lib
 from simclrv2_jax.checkpoints import CheckpointError, SavedRun, all_finite
 from simclrv2_jax.checkpoints import workdir as workdir_lib
-from simclrv2_jax.cli import unknown_field
 from simclrv2_jax.config import fields
 from simclrv2_jax.config.validation import validate
 from simclrv2_jax.train import components, inputs, parallel, reporting
@@ -61,27 +60,6 @@ _SAME_EVALUATION = ("step", "dataset", "eval_split", "image_size", "data_dir")
 _NOT_EVALUATED = set(fields.RESUME_FREE_FIELDS + fields.RESUME_OPTIMISATION_FIELDS) - set(EVAL_FIELDS)
 
 Variables = collections.namedtuple("Variables", ["params", "batch_stats"])
-
-
-def bad_override_message(error: BaseException) -> str:
-    """The one ``error:`` line for a flag this command does not take or whose value does not parse."""
-    allowed = ", ".join(f"--config.{name}" for name in EVAL_FIELDS)
-    if isinstance(error, (AttributeError, KeyError)):
-        return (
-            f"error: bad command line (evaluation cannot set {unknown_field(error)}: the network and its "
-            f"classes are the checkpoint's). Only the data settings may be given: {allowed}."
-        )
-    return (
-        f"error: bad command line ({' '.join(str(error).split())}). See --help for the flags and their types."
-    )
-
-
-def override_fields() -> ml_collections.ConfigDict:
-    """The ``--config.<field>`` overrides the command accepts; None = the checkpoint's value."""
-    c = ml_collections.ConfigDict()
-    for name, kind in EVAL_FIELDS.items():
-        c[name] = ml_collections.FieldReference(None, field_type=kind)
-    return c
 
 
 def evaluation_config(saved: dict[str, Any], overrides: dict[str, Any]) -> ml_collections.ConfigDict:

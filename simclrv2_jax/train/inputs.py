@@ -33,11 +33,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from simclrv2_jax.data import array_pipeline, device_augment, sources, subsets
+from simclrv2_jax.data.views import CROP_PROPORTION
 from simclrv2_jax.train import parallel
 
-# Streamed images are resized to image_size / 0.875 on the host before the device crops them, the
-# size from which the release's evaluation takes its 87.5% centre crop.
-_HOST_RESIZE_FACTOR = 1 / 0.875
+# Streamed images are resized to image_size / CROP_PROPORTION on the host before the device crops them,
+# the size from which the release's evaluation takes its centre crop.
+_HOST_RESIZE_FACTOR = 1 / CROP_PROPORTION
 
 
 def load_source(config: ml_collections.ConfigDict) -> sources.DataSource:

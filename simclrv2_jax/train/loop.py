@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -31,20 +30,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
-from clu import metrics
-from etils import epath
 from jax.sharding import Mesh
 
 from simclrv2_jax.checkpoints import Checkpointer
 from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.data.array_pipeline import global_iterator
-from simclrv2_jax.train import parallel, reporting
+from simclrv2_jax.train import parallel
 from simclrv2_jax.train.evaluation import EvalInterrupted, eval_totals, mean_metrics
+from simclrv2_jax.train.guard import Guard
+from simclrv2_jax.train.reporting import Outputs, average
 from simclrv2_jax.train.signals import Interrupted, StopSignals
 from simclrv2_jax.train.state import TrainState
-from simclrv2_jax.train.step import GUARD_METRICS, nonfinite_parts
 from simclrv2_jax.train.task import Task
 
 __all__ = ["Interrupted", "StopSignals", "TrainingDiverged", "run"]
@@ -52,26 +49,6 @@ __all__ = ["Interrupted", "StopSignals", "TrainingDiverged", "run"]
 
 class TrainingDiverged(FloatingPointError):
     """A step was non-finite past ``skip_nonfinite_steps``; the last finite state is saved."""
-
-
-def average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
-    """Mean of each metric over the applied steps of the logged interval, with clu's Average.
-
-    Steps the guard skipped (non-finite) are left out, and so are the guard's own flags.
-    """
-    rows = [
-        {k: v for k, v in values.items() if k not in GUARD_METRICS}
-        for values in jax.device_get(collected)
-        if not values.get("nonfinite", 0.0)
-    ]
-    if not rows:
-        return {}
-    collection = metrics.Collection.create(**{k: metrics.Average.from_output(k) for k in rows[0]})
-    merged = None
-    for values in rows:
-        batch = collection.single_from_model_output(**{k: np.asarray(v) for k, v in values.items()})
-        merged = batch if merged is None else merged.merge(batch)
-    return {k: float(v) for k, v in merged.compute().items()}
 
 
 def evaluate(
@@ -112,127 +89,6 @@ class Cadence:
     def evaluate(self, step: int) -> bool:
         """A periodic evaluation (the final one is made apart, after the final save)."""
         return bool(self.eval_every) and step % self.eval_every == 0 and step < self.total
-
-
-@dataclasses.dataclass
-class GuardReport:
-    """What the guard's flags of one step say."""
-
-    step: int
-    halted: bool
-    nonfinite: bool
-    parts: list[str]
-    skipped: int  # skipped steps so far
-    values: dict[str, float]  # the step's other metrics (for the message)
-
-
-class Guard:
-    """Reads the finite-state guard's flags of each step once, in step order."""
-
-    def __init__(self, start_step: int, max_skipped: int) -> None:
-        self.inspected = start_step  # the steps up to here have had their flags read
-        self.max_skipped = max_skipped
-        self.skipped = 0
-
-    def read(self, at_step: int, step_metrics: dict[str, jax.Array]) -> GuardReport | None:
-        """The report of step ``at_step`` (waiting for it), or None when it was already read."""
-        if at_step <= self.inspected:
-            return None
-        self.inspected = at_step
-        flags = {k: float(v) for k, v in jax.device_get({k: step_metrics[k] for k in GUARD_METRICS}).items()}
-        self.skipped = int(flags["skipped_steps"])
-        values = {}
-        if flags["halted"]:
-            values = {k: float(v) for k, v in jax.device_get(step_metrics).items() if k not in GUARD_METRICS}
-        return GuardReport(
-            step=at_step,
-            halted=bool(flags["halted"]),
-            nonfinite=bool(flags["nonfinite"]),
-            parts=nonfinite_parts(flags["nonfinite_parts"]),
-            skipped=self.skipped,
-            values=values,
-        )
-
-    def divergence_message(self, name: str, report: GuardReport, kept_step: int, where, config) -> str:
-        shown = ", ".join(f"{k}={report.values[k]:.4g}" for k in ("loss", "grad_norm") if k in report.values)
-        allowance = (
-            f"all {self.max_skipped} allowed skips were used before it"
-            if self.max_skipped
-            else "the run stops at the first such step (config.skip_nonfinite_steps=0)"
-        )
-        return (
-            f"{name} diverged at step {report.step}: non-finite {', '.join(report.parts)} ({shown}); "
-            f"the step was not applied and {allowance}. The last finite state (step {kept_step}) is saved in "
-            f"{where}. Resume from it with a lower learning rate (--config.learning_rate="
-            f"{config.learning_rate / 10:g} --config.resume_changes=learning_rate) or let the run skip "
-            "such steps (--config.skip_nonfinite_steps=N); if it diverges again at once, the weights were "
-            "already ruined before this step: start afresh in a new --workdir."
-        )
-
-
-class History:
-    """``history.jsonl``: one JSON line per logged step, what the pipeline plots.
-
-    Rewritten whole on every log (object stores such as gs:// cannot append); lines of steps after the
-    resumed step are dropped, so a resumed run does not repeat them.
-    """
-
-    def __init__(self, path: epath.Path, start_step: int) -> None:
-        self.path = path
-        self.rows: list[str] = []
-        if path.exists():
-            self.rows = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step
-            ]
-
-    def add(self, step: int, record: dict[str, Any]) -> None:
-        if jax.process_index() != 0:
-            return
-        self.rows.append(json.dumps({"step": step, **record}))
-        self.path.write_text("\n".join(self.rows) + "\n")
-
-
-class Outputs:
-    """Where a run reports: TensorBoard, ``history.jsonl``, progress lines, and the JSON files."""
-
-    def __init__(self, workdir: str, config, *, start_step: int, total: int) -> None:
-        self.path = workdir_lib.prepare(workdir)
-        self.writer = reporting.make_writer(workdir)
-        if start_step == 0:
-            self.writer.write_hparams(
-                {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-            )
-        self.hooks = reporting.progress_hooks(
-            num_train_steps=total,
-            writer=self.writer,
-            every_steps=config.log_every_steps,
-            profile=config.get("profile", False),
-            logdir=workdir,
-            start_step=start_step,
-        )
-        self.history = History(self.path / "history.jsonl", start_step)
-
-    def after_step(self, step: int) -> None:
-        for hook in self.hooks:
-            hook(step)
-
-    def record(self, step: int, record: dict[str, Any]) -> None:
-        self.writer.write_scalars(step, record)
-        self.history.add(step, record)
-
-    def write_json(self, name: str, payload: dict) -> None:
-        write_json(self.path / name, payload)
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-def write_json(path: epath.Path, payload: dict) -> None:
-    if jax.process_index() == 0:
-        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
 # The initial state is computed once, and its program is mostly the threefry bits of the initialisers:

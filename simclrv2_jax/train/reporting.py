@@ -1,4 +1,5 @@
-"""Where training reports go: TensorBoard scalars and progress lines (steps/s, ETA).
+"""Where training reports go: TensorBoard scalars, progress lines (steps/s, ETA), ``history.jsonl``,
+the workdir's JSON files, and the averaging of a logged interval's metrics.
 
 With TensorFlow installed this is clu's (``AsyncWriter(SummaryWriter)``, ``ReportProgress``,
 ``Profile``). clu's writers and periodic actions import TensorFlow, so where it is absent (an
@@ -9,12 +10,19 @@ and progress is logged by a small equivalent of ``ReportProgress``. Only process
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from clu import metrics
+from etils import epath
+
+from simclrv2_jax.checkpoints import workdir as workdir_lib
+from simclrv2_jax.train.step import GUARD_METRICS
 
 
 class _NoWriter:
@@ -115,3 +123,88 @@ def progress_hooks(
             periodic_actions.Profile(logdir=logdir, num_profile_steps=5, first_profile=start_step + 10)
         )
     return hooks
+
+
+def average(collected: list[dict[str, jax.Array]]) -> dict[str, float]:
+    """Mean of each metric over the applied steps of the logged interval, with clu's Average.
+
+    Steps the guard skipped (non-finite) are left out, and so are the guard's own flags.
+    """
+    rows = [
+        {k: v for k, v in values.items() if k not in GUARD_METRICS}
+        for values in jax.device_get(collected)
+        if not values.get("nonfinite", 0.0)
+    ]
+    if not rows:
+        return {}
+    collection = metrics.Collection.create(**{k: metrics.Average.from_output(k) for k in rows[0]})
+    merged = None
+    for values in rows:
+        batch = collection.single_from_model_output(**{k: np.asarray(v) for k, v in values.items()})
+        merged = batch if merged is None else merged.merge(batch)
+    return {k: float(v) for k, v in merged.compute().items()}
+
+
+class History:
+    """``history.jsonl``: one JSON line per logged step, what the pipeline plots.
+
+    Rewritten whole on every log (object stores such as gs:// cannot append); lines of steps after the
+    resumed step are dropped, so a resumed run does not repeat them.
+    """
+
+    def __init__(self, path: epath.Path, start_step: int) -> None:
+        self.path = path
+        self.rows: list[str] = []
+        if path.exists():
+            self.rows = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
+
+    def add(self, step: int, record: dict[str, Any]) -> None:
+        if jax.process_index() != 0:
+            return
+        self.rows.append(json.dumps({"step": step, **record}))
+        self.path.write_text("\n".join(self.rows) + "\n")
+
+
+class Outputs:
+    """Where a run reports: TensorBoard, ``history.jsonl``, progress lines, and the JSON files."""
+
+    def __init__(self, workdir: str, config, *, start_step: int, total: int) -> None:
+        self.path = workdir_lib.prepare(workdir)
+        self.writer = make_writer(workdir)
+        if start_step == 0:
+            self.writer.write_hparams(
+                {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            )
+        self.hooks = progress_hooks(
+            num_train_steps=total,
+            writer=self.writer,
+            every_steps=config.log_every_steps,
+            profile=config.get("profile", False),
+            logdir=workdir,
+            start_step=start_step,
+        )
+        self.history = History(self.path / "history.jsonl", start_step)
+
+    def after_step(self, step: int) -> None:
+        for hook in self.hooks:
+            hook(step)
+
+    def record(self, step: int, record: dict[str, Any]) -> None:
+        self.writer.write_scalars(step, record)
+        self.history.add(step, record)
+
+    def write_json(self, name: str, payload: dict) -> None:
+        write_json(self.path / name, payload)
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def write_json(path: epath.Path, payload: dict) -> None:
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True))
