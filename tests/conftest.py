@@ -110,12 +110,21 @@ def numpy_metrics(logits, labels):
 PRETRAIN_STEPS = 6
 
 
-@pytest.fixture(scope="session")
-def jax_compile_cache(tmp_path_factory):
-    """A persistent compilation cache for this session, so that a resumed run (or a later stage
-    with the same programs) loads the executables the first run compiled instead of compiling
-    again: compiling the tiny ResNet dominates these tests on 2 CPU cores. It caches XLA's output
-    only and changes no result."""
+# JAX's persistent compilation cache for the whole suite, shared by the pytest workers, the command-line
+# tests' subprocesses and, on one machine, later runs of the suite (tests/.jax_cache, ignored by git): a
+# program compiled once (the tiny ResNet's steps, compiled by many tests) is loaded after that.
+# SIMCLR_TEST_COMPILE_CACHE moves it.
+COMPILE_CACHE = os.environ.get(
+    "SIMCLR_TEST_COMPILE_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache")
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def jax_compile_cache():
+    """The persistent compilation cache for every test (see ``COMPILE_CACHE``): a resumed run, a
+    later stage or another test with the same programs loads the executables compiled before instead
+    of compiling again; compiling dominates these tests on 2 CPU cores. It caches XLA's output only
+    and changes no result."""
     import jax
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -125,7 +134,7 @@ def jax_compile_cache(tmp_path_factory):
         "jax_persistent_cache_min_entry_size_bytes",
     )
     previous = {name: getattr(jax.config, name) for name in names}
-    path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
+    path = COMPILE_CACHE
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     compilation_cache.set_cache_dir(path)

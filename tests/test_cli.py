@@ -16,7 +16,9 @@ import pytest
 import tensorflow as tf
 from conftest import IDX_FILES, TINY_MODEL, read_checkpoint, subprocess_env, write_fake_fashion_mnist
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 2

@@ -20,11 +20,10 @@ from simclrv2_jax.data import sources
 from simclrv2_jax.train import parallel, train_stage
 from simclrv2_jax.train import pretrain as pretrain_stage
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
-
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_unknown_override_on_the_command_line(tmp_path):
     workdir = tmp_path / "run"
     proc = subprocess.run(
@@ -87,6 +86,7 @@ def test_non_finite_value_names_the_field(stage, field, value):
         validate(config)
 
 
+@pytest.mark.slow
 def test_impossible_value_stops_a_run_before_it_starts(tmp_path, fake_data_dir):
     config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2, optimizer="sgd")
     with pytest.raises(ValueError, match=r"\boptimizer="):
@@ -94,6 +94,7 @@ def test_impossible_value_stops_a_run_before_it_starts(tmp_path, fake_data_dir):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_devices(tmp_path, fake_data_dir):
     config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2, train_batch_size=12)
     with pytest.raises(ValueError) as info:
@@ -183,6 +184,7 @@ def incompatible(fake_data_dir, pretrain_run):
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_finetune_adopts_the_checkpoint_architecture(tmp_path, fake_data_dir, pretrain_run):
     """Fine-tuning has the network of the checkpoint it starts from: a width given on the command
     line that differs is replaced by the checkpoint's (and logged), and the run trains."""
@@ -191,6 +193,7 @@ def test_finetune_adopts_the_checkpoint_architecture(tmp_path, fake_data_dir, pr
     assert results["completed"] and config.width_multiplier == pretrain_run["config"].width_multiplier
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_lists_both_shapes(incompatible, pretrain_run):
     # The first block group has 64 * width channels: 8 in the checkpoint, 16 in the new model.
     assert (
@@ -201,6 +204,7 @@ def test_incompatible_checkpoint_lists_both_shapes(incompatible, pretrain_run):
     assert "width_multiplier" in incompatible
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_counts_the_lines_it_does_not_show(incompatible, pretrain_run):
     # Every backbone variable scales with the width, and so does each of the 5 variables of
     # projection layer_0 (dense kernel, BN scale, bias, mean, var), the one head layer fine-tuning

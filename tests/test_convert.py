@@ -363,6 +363,7 @@ def run_command(module, args, env):
     )
 
 
+@pytest.mark.slow
 @needs_fixtures
 def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
     tmp_path, fake_data_dir, jax_compile_cache
@@ -453,3 +454,47 @@ def test_converted_fixture_finetunes_and_teaches_from_the_command_line(
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((distilled / "results.json").read_text())
     assert results["completed"] and "teacher_top1" in results["eval"]
+
+
+@pytest.mark.slow
+@needs_fixtures
+def test_the_package_alone_converts_a_release_checkpoint(tmp_path, jax_compile_cache):
+    """An installed package (a wheel, Colab's pip install) has no repository: copied on its own, with
+    neither configs/ nor the checkout on the path, it converts the authors' SavedModel into a workdir
+    whose config is a full config of its stage."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    alone = tmp_path / "site"
+    shutil.copytree(Path(convert.__file__).resolve().parents[1], alone / "simclrv2_jax")
+    env = dict(subprocess_env(jax_compile_cache), PYTHONPATH=str(alone))
+    workdir = tmp_path / "converted"
+    code = (
+        "import runpy, sys, simclrv2_jax; "
+        "assert simclrv2_jax.__file__.startswith(sys.argv[1]), simclrv2_jax.__file__; "
+        "sys.argv = ['convert'] + sys.argv[2:]; runpy.run_module('simclrv2_jax.convert', run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(alone),
+            f"--source={TF2}",
+            f"--workdir={workdir}",
+            "--ft_proj_selector=0",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["stage"] == "finetune" and saved["num_classes"] == 10 and saved["ft_proj_selector"] == 0
+    assert (workdir / "checkpoints" / "0" / "state").is_dir()

@@ -25,6 +25,9 @@ from simclrv2_jax.data import device_augment
 from simclrv2_jax.evaluation import evaluator as evaluate
 from simclrv2_jax.train import components, parallel
 
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 def reference(config, variables, data_dir, head_mode="pretrain"):
     """Top-1/top-5/loss of ``variables`` on the whole test split, counted in NumPy."""

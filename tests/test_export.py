@@ -32,7 +32,9 @@ from simclrv2_jax.config import get_config
 from simclrv2_jax.train import components, parallel
 from simclrv2_jax.train.state import create_train_state
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures" / "official"

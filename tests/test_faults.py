@@ -40,7 +40,9 @@ from simclrv2_jax.train.loop import Interrupted, TrainingDiverged
 from simclrv2_jax.train.state import TrainState
 from simclrv2_jax.train.step import guarded_update
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 N = PRETRAIN_STEPS  # 6
 

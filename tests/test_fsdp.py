@@ -12,7 +12,9 @@ from jax.sharding import PartitionSpec as P
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import parallel, train_stage
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 N = PRETRAIN_STEPS
 # The tiny test ResNet's largest kernels have 2-4k elements: a low threshold splits most of them.

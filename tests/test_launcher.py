@@ -11,12 +11,16 @@ import time
 
 import pytest
 
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "tpu.sh")
 
 FAKE_GCLOUD = """#!{python}
 # Records each call as a JSON list of its arguments; answers from the queues the test set up.
 import json, os, shutil, sys
+
 args = sys.argv[1:]
 d = os.environ["FAKE_GCLOUD_DIR"]
 with open(os.path.join(d, "calls.jsonl"), "a") as f:

@@ -19,8 +19,6 @@ from simclrv2_jax.config import get_config
 from simclrv2_jax.train import losses, train_stage
 from simclrv2_jax.train.memory import MomentumMemory
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
-
 N = PRETRAIN_STEPS  # 6 steps, as the shared memory-free run
 BATCH = 16  # conftest.tiny's global batch: 32 projections a step
 SLOTS = 48  # not a multiple of 32: the second step's write wraps around the end
@@ -212,6 +210,7 @@ def memory_run(tmp_path_factory, fake_data_dir):
     return {"workdir": workdir, "results": results, "snapshots": snapshots}
 
 
+@pytest.mark.slow
 def test_first_step_is_the_memory_free_step(memory_run, pretrain_run):
     """The queue starts empty, so step 1 is exactly NT-Xent without memory (same data, same draws)."""
     with_memory, without = memory_run["snapshots"][1], pretrain_run["snapshots"][1]
@@ -254,6 +253,7 @@ def test_queue_pointers_and_moving_average_in_a_run(memory_run):
     assert sum(lag) > len(lag) // 2  # the memory network lags the encoder
 
 
+@pytest.mark.slow
 def test_resume_with_memory_is_bit_for_bit(tmp_path, fake_data_dir, memory_run):
     workdir = str(tmp_path / "stopped")
 
@@ -276,6 +276,7 @@ def test_resume_with_memory_is_bit_for_bit(tmp_path, fake_data_dir, memory_run):
     assert all(np.array_equal(on_disk[k], straight[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_memory_network_is_laid_out_like_the_parameters(tmp_path, fake_data_dir, memory_run):
     """fsdp against replicated, both on the 8 devices: the memory network's weights are split like the
     encoder's, the queue is whole, and every part of the state agrees with the replicated run.

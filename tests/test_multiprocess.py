@@ -16,7 +16,9 @@ from conftest import flat, read_checkpoint, read_idx_gz, saved_steps, subprocess
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 # A few steps: the tiny model at this learning rate is chaotic, so rounding differences between
 # gloo's and the in-process collectives grow about 5x a step (1e-7 at step 2, 1e-2 by step 11).

@@ -19,6 +19,9 @@ import numpy as np
 import pytest
 from conftest import read_idx_gz, subprocess_env
 
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "simclrv2_colab.ipynb"
 FIXTURES = REPO.parent / "shared" / "fixtures" / "official"

@@ -17,7 +17,9 @@ from conftest import PRETRAIN_STEPS, flat, read_checkpoint, tiny
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 N = PRETRAIN_STEPS  # 6
 STATE_PARTS = ("params", "batch_stats", "opt_state", "rng", "step")

@@ -90,6 +90,7 @@ def _variables(model, images, seed=1):
     return model.init(jax.random.key(seed), images, train=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_scanned_model_computes_what_the_unrolled_one_does(remat):
     images = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
@@ -207,6 +208,7 @@ def test_fsdp_spec_of_stacked_weights_by_hand(shape, devices, min_size, stacked,
     assert parallel.fsdp_spec(shape, devices, min_size, stacked) == expected
 
 
+@pytest.mark.slow
 def test_checkpoints_load_into_either_layout(pretrain_run):
     """The unrolled pretraining checkpoint into a scanned model (a fine-tuning stage's start)."""
     config = pretrain_run["config"]
@@ -230,6 +232,7 @@ def test_checkpoints_load_into_either_layout(pretrain_run):
         np.testing.assert_array_equal(flat(loaded)[k], v, err_msg=k)
 
 
+@pytest.mark.slow
 def test_scanned_fsdp_steps_resume_across_layouts(fake_data_dir, tmp_path, pretrain_run):
     """Unrolled and replicated to step 2; resumed scanned with fsdp to step 4 (weights gathered one
     block per loop step); resumed unrolled and replicated to the end. Every restore converts the

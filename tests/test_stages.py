@@ -20,7 +20,9 @@ from simclrv2_jax.train import distill as distill_stage
 from simclrv2_jax.train import finetune as finetune_stage
 from simclrv2_jax.train import loop, parallel, train_stage
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# Whole runs, subprocesses or processes: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 
 FEATURES = 64  # backbone output of ResNet-18 at width 0.125
 HEAD_INPUT = {0: FEATURES, 1: FEATURES, -1: 16}  # width of hiddens[ft_proj_selector]

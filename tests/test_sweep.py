@@ -260,6 +260,7 @@ def test_missing_sweep_file(tmp_path):
         launch.run_sweep(base_config(), str(tmp_path / "nope.py"), str(tmp_path / "sw"))
 
 
+@pytest.mark.slow
 def test_a_mistake_is_one_error_line_with_exit_code_2(tmp_path, jax_compile_cache):
     sweep_file = write_sweep(
         tmp_path, "def get_sweep():\n    return sweeps.product(ft_proj_selector=[1, 7])\n"
@@ -443,6 +444,7 @@ def test_print_launch_gives_main_command_lines_that_parse_back(tmp_path, fake_tr
         assert holder.value.to_dict() == run.config.to_dict() and workdir.value == run.workdir
 
 
+@pytest.mark.slow
 def test_tpu_launch_runs_tpu_sh_per_unfinished_run(tmp_path, fake_train, monkeypatch, capfd):
     monkeypatch.chdir(REPO)
     sweep_file, root = write_sweep(tmp_path, GRID), tmp_path / "sw"
@@ -499,6 +501,7 @@ def test_tpu_launch_runs_tpu_sh_per_unfinished_run(tmp_path, fake_train, monkeyp
 # The command line, for real: a 2-run sweep of a tiny config, then the same command again.
 
 
+@pytest.mark.slow
 def test_command_line_sweep_trains_and_resumes(tmp_path, fake_data_dir, jax_compile_cache):
     sweep_file = write_sweep(tmp_path, "def get_sweep():\n    return sweeps.product(label_seed=[0, 1])\n")
     root = tmp_path / "sw"

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from conftest import TINY_MODEL, subprocess_env
 
-pytestmark = pytest.mark.usefixtures("jax_compile_cache")
+# A whole pipeline in a subprocess: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("pretrain", "finetune", "distill", "baseline")
 
 BLOCK_TF_AND_RUN = """
 import runpy, sys
+
 sys.modules["tensorflow"] = None
 sys.modules["tensorflow_datasets"] = None
 sys.argv = ["run_all"] + sys.argv[1:]

@@ -1,7 +1,7 @@
 """Fine-tuning learning rate x ``ft_proj_selector`` on 1% of Fashion-MNIST's labels: 3 x 3 = 9 runs.
 
 From the default job's pretraining (``bash launch/quickstart.sh`` leaves it in
-``runs/fashion_mnist_1pct/pretrain``), about 1.5 min per run on 2 CPU cores, 9 runs in all::
+``runs/fashion_mnist_1pct/pretrain``), 9 runs in all::
 
     python -m simclrv2_jax.sweep --config=configs/finetune.py:fashion_mnist \\
         --sweep=configs/sweeps/finetune_lr_selector.py --workdir=runs/sweeps/finetune_lr_selector \\

@@ -12,11 +12,10 @@ Two ways to augment, chosen by ``augment_on_device`` (``None`` = automatic):
   one. Evaluation images of in-memory data are resized/centre-cropped on the device as well.
 
 Automatic choice (``augment_on_device=None``): the device on an accelerator backend, and wherever
-TensorFlow is missing. On the CPU backend, by measurement (``benchmarks/results/input_pipeline_*.json``,
-2-core AVX-512 EPYC): in-memory data (images of at most 64 px) on the device -- the default
-Fashion-MNIST pretraining ran 5-12% more steps/s than with tf.data threads competing for the same
-cores -- and streamed data (full-size JPEGs) on the host, whose tf.data ops augment 224 px views
-several times faster per core than XLA's CPU backend does.
+TensorFlow is missing. On the CPU backend in-memory data (small images) goes to the device, where it
+does not compete with tf.data threads for the same cores, and streamed data (full-size JPEGs) stays
+on the host, whose tf.data ops augment large views faster per core than XLA's CPU backend (the
+measurements behind the choice: ``benchmarks/README.md``, input pipeline).
 """
 
 from __future__ import annotations
