@@ -26,12 +26,13 @@ from collections.abc import Iterable, Iterator
 import jax
 import numpy as np
 
-_ORDER_STREAM = 0x0DE5
+# The random stream of the example order, apart from the augmentations' (the tf.data pipeline too).
+ORDER_STREAM = 0x0DE5
 
 
 def epoch_order(seed: int, epoch: int, n: int, process_index: int = 0) -> np.ndarray:
     """The order in which a shard of ``n`` examples is visited in ``epoch`` (a permutation of n)."""
-    return np.random.default_rng([seed, _ORDER_STREAM, epoch, process_index]).permutation(n)
+    return np.random.default_rng([seed, ORDER_STREAM, epoch, process_index]).permutation(n)
 
 
 def _check_process(process_index: int, process_count: int) -> None:

@@ -35,11 +35,10 @@ from collections.abc import Callable
 import numpy as np
 
 from simclrv2_jax.data import augment, sources
-from simclrv2_jax.data.array_pipeline import num_eval_batches
+from simclrv2_jax.data.array_pipeline import ORDER_STREAM, num_eval_batches
 from simclrv2_jax.data.tf_cpu import tf
 
 # Separate streams so that the order of examples and their augmentation are independent.
-_ORDER_STREAM = 0x0DE5
 _AUGMENT_STREAM = 0xA06E
 _FILE_ORDER_STREAM = 0xF11E
 
@@ -54,7 +53,7 @@ def _fold(seed: tf.Tensor, *data) -> tf.Tensor:
 
 def order_seed(seed: int, epoch, process_index: int) -> tf.Tensor:
     """The ``[2]`` int64 seed of the visiting order of one epoch on one process."""
-    return _fold(tf.constant([seed, _ORDER_STREAM], tf.int64), epoch, process_index)
+    return _fold(tf.constant([seed, ORDER_STREAM], tf.int64), epoch, process_index)
 
 
 def file_order_seed(seed: int, epoch, process_index: int) -> tf.Tensor:
