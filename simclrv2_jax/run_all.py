@@ -79,8 +79,10 @@ def main(argv: list[str]) -> int:
         for stage, acc in summary["test_top1"].items()
         if acc is not None
     ]
+    trained = ", ".join(summary["trained_now"]) or "nothing: every stage had finished"
     print(
-        f"Pipeline finished in {summary['total_wall_time_s'] / 60:.1f} min ({summary['labels']}):\n"
+        f"Pipeline finished in {summary['wall_time_s'] / 60:.1f} min (trained now: {trained}); the stages' "
+        f"stored times add up to {summary['total_wall_time_s'] / 60:.1f} min ({summary['labels']}):\n"
         + "\n".join(lines)
         + f"\nSummary: {os.path.join(_WORKDIR.value, 'summary.json')} and summary.png"
     )

@@ -297,3 +297,16 @@ def raise_at(step, exception):
 
 def record_steps(seen):
     return lambda s, state: seen.append(s)
+
+
+def truncate_largest_data_file(step_dir):
+    """Damages a checkpoint: its largest array file cut to half its size."""
+    files = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(os.path.join(step_dir, "state"))
+        for name in names
+        if "/d" in root
+    ]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)

@@ -29,6 +29,7 @@ from conftest import (
     saved_steps,
     subprocess_env,
     tiny,
+    truncate_largest_data_file,
 )
 
 from simclrv2_jax import cli
@@ -349,18 +350,6 @@ def checkpointed_run(tmp_path_factory, fake_data_dir, jax_compile_cache):
     train_stage(config(fake_data_dir, checkpoint_steps=2), str(workdir))
     assert saved_steps(str(workdir)) == [2, 4, 6]
     return workdir
-
-
-def truncate_largest_data_file(step_dir):
-    files = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(os.path.join(step_dir, "state"))
-        for name in names
-        if "/d" in root
-    ]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
 
 
 def delete_metadata(step_dir):

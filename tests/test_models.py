@@ -420,3 +420,44 @@ def test_remat_keeps_parameters_outputs_and_gradients():
         return len(re.findall(r"= (?:remat2|checkpoint)\[", jaxpr))
 
     assert rematerialised(remat) == 8 and rematerialised(plain) == 0
+
+
+@pytest.mark.parametrize("frozen", [2, 4])
+def test_frozen_blocks_batch_norm_follows_the_tf1_release(frozen):
+    """fine_tune_after_block = 2: the frozen stem still normalises with the batch's statistics and moves
+    its moving statistics by (1 - decay) towards them, computed here from its input (the stem conv's
+    output, ``initial_conv``); = 4 (linear evaluation): the backbone runs in inference mode, its
+    statistics stay and its outputs are the inference outputs."""
+    model = SimCLRModel(
+        resnet_depth=18,
+        width_multiplier=0.125,
+        cifar_stem=True,
+        head_mode="finetune",
+        ft_proj_selector=0,
+        num_classes=10,
+        fine_tune_after_block=frozen,
+    )
+    x = jax.random.uniform(jax.random.key(1), (8, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+    out, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    before, after = variables["batch_stats"]["backbone"], updates["batch_stats"]["backbone"]
+    inference = model.apply(variables, x, train=False)
+    if frozen == 2:
+        conv = np.asarray(out["initial_conv"], np.float64)
+        mean, var = conv.mean(axis=(0, 1, 2)), conv.var(axis=(0, 1, 2))
+        bn = after["stem"]["bn_0"]["bn"]
+        np.testing.assert_allclose(bn["mean"], 0.9 * 0.0 + 0.1 * mean, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(bn["var"], 0.9 * 1.0 + 0.1 * var, rtol=1e-5, atol=1e-7)
+        for part in ("block_group1_0", "block_group2_1"):
+            assert not np.allclose(after[part]["bn_0"]["bn"]["mean"], before[part]["bn_0"]["bn"]["mean"])
+        assert not np.allclose(out["block_group1"], inference["block_group1"], atol=1e-4)
+    else:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(after):
+            np.testing.assert_array_equal(leaf, flat_get(before, path), err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(out["final_avg_pool"], inference["final_avg_pool"], rtol=1e-6, atol=1e-6)
+
+
+def flat_get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree

@@ -177,6 +177,39 @@ def test_frozen_backbone_stays_put_while_head_trains(finetune_frozen, pretrained
         )
 
 
+@pytest.fixture(scope="module")
+def finetune_half_frozen(tmp_path_factory, mesh, fake_data_dir, pretrain_run):
+    """Stem and block groups 1-2 frozen (fine_tune_after_block=2), with weight decay on."""
+    return _finetune(
+        tmp_path_factory,
+        mesh,
+        fake_data_dir,
+        pretrain_run["workdir"],
+        "finetune_half_frozen",
+        ft_proj_selector=1,
+        fine_tune_after_block=2,
+        weight_decay=1e-4,
+    )
+
+
+def test_frozen_blocks_keep_their_weights_and_update_their_bn_statistics_as_tf1(
+    finetune_half_frozen, pretrained
+):
+    """The TF1 release stops only the gradient: the frozen stem and groups 1-2 keep every weight bit for
+    bit, while their batch norms, in training mode, move their moving statistics; the groups after
+    them train."""
+    state = host_copy(finetune_half_frozen["results"]["state"])
+    backbone, stats = state.params["backbone"], state.batch_stats["backbone"]
+    frozen = ("stem", "block_group1_0", "block_group1_1", "block_group2_0", "block_group2_1")
+    trained = ("block_group3_0", "block_group4_1")
+    for part in frozen:
+        assert_same(backbone[part], pretrained["params"]["backbone"][part], f"frozen {part} weights")
+        moved = changed_leaves(stats[part], pretrained["batch_stats"]["backbone"][part])
+        assert len(moved) == len(flat(stats[part])), f"every BN statistic of {part} moves"
+    for part in trained:
+        assert changed_leaves(backbone[part], pretrained["params"]["backbone"][part])
+
+
 def test_unfrozen_backbone_trains(finetune_all, pretrained):
     results = finetune_all["results"]
     assert results["final_step"] == STEPS and results["num_labeled_examples"] == 20

@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from simclrv2_jax import config as config_lib
 from simclrv2_jax.checkpoints.saved_run import CHECKPOINT_SUBDIR, CheckpointError, SavedRun, absolute
 from simclrv2_jax.models import block_stack
 from simclrv2_jax.train import optim, parallel
@@ -220,7 +221,7 @@ class Checkpointer:
 
 
 def initialize_from(
-    path: str, mesh: jax.sharding.Mesh, *, what: str, keep_head: bool, flag: str = "--config.checkpoint"
+    path: str, mesh: jax.sharding.Mesh, *, what: str, keep_head: bool, flag: str | None = None
 ):
     """A stage's ``initialize(state, tx)``: the weights and BN statistics of the checkpoint at ``path``.
 
@@ -233,7 +234,7 @@ def initialize_from(
         target = {"params": dict(state.params), "batch_stats": state.batch_stats}
         if not keep_head:
             target["params"].pop("head_supervised", None)
-        restored, step = SavedRun(path, flag).load_variables(
+        restored, step = SavedRun(path, flag or config_lib.flag("checkpoint")).load_variables(
             target, sharding=parallel.replicated(mesh), what=what
         )
         params = {**state.params, **restored["params"]}

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from simclrv2_jax.checkpoints import lineage
 from simclrv2_jax.checkpoints.release_arch import CIFAR_IMAGE_SIZE, RELEASE_IMAGE_SIZE, infer_config
 from simclrv2_jax.checkpoints.release_read import (
     BN_LEAVES,
@@ -304,6 +305,7 @@ def convert_to_workdir(source: str, workdir: str, ft_proj_selector: int | None =
         checkpointer.wait_until_finished()
         checkpointer.close()
         (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        lineage.create(path, {})
         (path / "converted_from.json").write_text(
             json.dumps({"source": os.fspath(source), "variables": len(weights)}, indent=2)
         )

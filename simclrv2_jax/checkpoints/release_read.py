@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,11 @@ import numpy as np
 
 _TRAINING_STATE_PARTS = frozenset({"Momentum", "ExponentialMovingAverage"})
 _OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+# What a TF2 training checkpoint (``tf.train.Checkpoint(model=..., global_step=optimizer.iterations,
+# optimizer=...)``, the release's run.py) holds beside the model at its root: training state.
+_ROOT_TRAINING_STATE = frozenset({"optimizer", "global_step", "save_counter"})
+# How long a remote source (gs://...) may take to answer before the converter gives up.
+REMOTE_TIMEOUT_S = 30.0
 
 # TF2 models trained with global_bn name their batch norms ``sync_batch_normalization_N``.
 _BACKBONE_RE = re.compile(
@@ -71,14 +77,31 @@ def read_official(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """
     from simclrv2_jax.data.tf_cpu import tf
 
-    prefix = _checkpoint_prefix(tf, os.fspath(path))
-    reader = tf.train.load_checkpoint(prefix)
-    keys = reader.get_variable_to_shape_map()
-    if _OBJECT_GRAPH_KEY in keys:
-        names = _object_graph_names(reader)
-    else:
-        names = {key: key for key in keys}
-    weights = {name: reader.get_tensor(key) for name, key in drop_training_state(names).items()}
+    path = os.fspath(path)
+    if "://" in path:
+        gfile = tf.io.gfile
+        if not path_readable(path, REMOTE_TIMEOUT_S, lambda p: gfile.exists(p) or gfile.exists(p + ".index")):
+            raise ConversionError(
+                f"{path} cannot be read within {REMOTE_TIMEOUT_S:g} s: no network, no credentials for it, "
+                "or no such object. Check the path (gsutil ls) or copy the checkpoint to a local folder."
+            )
+    prefix = _checkpoint_prefix(tf, path)
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        keys = reader.get_variable_to_shape_map()
+        if _OBJECT_GRAPH_KEY in keys:
+            names = _object_graph_names(reader)
+        else:
+            names = {key: key for key in keys}
+        weights = {name: reader.get_tensor(key) for name, key in drop_training_state(names).items()}
+    except ConversionError:
+        raise
+    except Exception as e:  # TF's readers raise OpError, ValueError or IndexError on a damaged file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConversionError(
+            f"The checkpoint at {prefix} does not read ({type(e).__name__}: {first}): a truncated or "
+            "damaged file? Copy it again from its source."
+        ) from None
     if not weights:
         raise ConversionError(f"{prefix} holds no model variables.")
     return {name: np.asarray(value) for name, value in weights.items()}
@@ -89,6 +112,15 @@ def _checkpoint_prefix(tf: Any, path: str) -> str:
     gfile = tf.io.gfile
     if gfile.exists(path + ".index"):
         return path
+    if gfile.exists(path) and not gfile.isdir(path):
+        hint = ""
+        match = re.match(r"^(.*)\.(index|data-\d+-of-\d+)$", path)
+        if match and gfile.exists(match.group(1) + ".index"):
+            hint = f" Pass the checkpoint's prefix: --source={match.group(1)}."
+        raise ConversionError(
+            f"{path} is a file, not a TensorFlow checkpoint: pass a TF1 checkpoint prefix (model.ckpt-N, "
+            f"beside its .index), the folder holding it, or a TF2 SavedModel folder.{hint}"
+        )
     if not gfile.isdir(path):
         raise FileNotFoundError(f"No checkpoint at {path}: neither {path}.index nor a folder exists.")
     folder = path.rstrip("/")
@@ -115,8 +147,9 @@ def _checkpoint_prefix(tf: Any, path: str) -> str:
 def _object_graph_names(reader: Any) -> dict[str, str]:
     """{variable name at saving time: checkpoint key} from a TF2 checkpoint's object graph.
 
-    Walks the graph from its root, leaving out the ``optimizer`` branch and slot variables, so only
-    the model's variables remain (each once, however many objects track it).
+    Walks the graph from its root, leaving out the training state at the root
+    (``_ROOT_TRAINING_STATE``) and slot variables, so only the model's variables remain (each once,
+    however many objects track it).
     """
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
@@ -136,7 +169,7 @@ def _object_graph_names(reader: Any) -> dict[str, str]:
             if names.setdefault(name, attribute.checkpoint_key) != attribute.checkpoint_key:
                 raise ConversionError(f"Two different variables are both named {name!r} in the checkpoint.")
         for child in node.children:
-            if node_id == 0 and child.local_name == "optimizer":
+            if node_id == 0 and child.local_name in _ROOT_TRAINING_STATE:
                 continue
             if child.node_id not in seen and child.node_id not in slots:
                 seen.add(child.node_id)
@@ -220,3 +253,28 @@ def unknown_error(names: list[str]) -> ConversionError:
     return ConversionError(
         f"{len(names)} variable(s) of the checkpoint are not SimCLRv2 model variables:\n  {listed}"
     )
+
+
+def path_readable(path: str, timeout_s: float = 20.0, exists=None) -> bool:
+    """Whether ``path`` exists and can be read (``tf.io.gfile.exists``), answered within ``timeout_s``.
+
+    A remote path (``gs://...``) without network, or without a way to authenticate, can make the
+    file system retry for minutes; the check runs in a daemon thread and counts as "no" when it has
+    not answered in time, or raised. ``exists`` replaces ``tf.io.gfile.exists`` (tests).
+    """
+    if exists is None:
+        from simclrv2_jax.data.tf_cpu import tf
+
+        exists = tf.io.gfile.exists
+    answer: list[bool] = []
+
+    def check() -> None:
+        try:
+            answer.append(bool(exists(path)))
+        except Exception:  # any failure to read is a "no"; the caller falls back
+            answer.append(False)
+
+    thread = threading.Thread(target=check, name="path_readable", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from simclrv2_jax import config as config_lib
@@ -47,6 +48,15 @@ _FINALISED_MARKERS = ("commit_success.txt", "_CHECKPOINT_METADATA")
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing or does not fit the model being built."""
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint whose files do not read (truncated, deleted, without metadata)."""
+
+
+def _brief(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def absolute(path: str | os.PathLike) -> epath.Path:
@@ -169,6 +179,10 @@ class SavedRun:
             try:
                 restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
                 return dict(restored["config"])
+            except Exception as e:
+                raise DamagedCheckpoint(
+                    f"the config of {self.step_path(step)} does not read ({_brief(e)})"
+                ) from e
             finally:
                 manager.close()
         path = self.root / CONFIG_NAME
@@ -196,10 +210,14 @@ class SavedRun:
         manager = reader(self.directory)
         try:
             metadata = manager.item_metadata(step)["state"]
+        except Exception as e:
+            raise DamagedCheckpoint(
+                f"the metadata of {self.step_path(step)} does not read ({_brief(e)})"
+            ) from e
         finally:
             manager.close()
         if metadata is None:
-            raise FileNotFoundError(f"the metadata of {self.step_path(step)}/state is missing")
+            raise DamagedCheckpoint(f"the metadata of {self.step_path(step)}/state is missing")
         return _as_dict(metadata.tree if hasattr(metadata, "tree") else metadata)
 
     def state_tree(self, step: int | None = None) -> dict[str, Any]:
@@ -289,6 +307,8 @@ class SavedRun:
         manager = reader(self.directory)
         try:
             restored = manager.restore(step, args=ocp.args.Composite(state=restore))["state"]
+        except Exception as e:
+            raise DamagedCheckpoint(f"the arrays of {self.step_path(step)} do not read ({_brief(e)})") from e
         finally:
             manager.close()
         restored_paths = _paths(restored)
@@ -298,6 +318,29 @@ class SavedRun:
         converted = _paths(block_stack.like(picked, shapes))
         leaves = [converted[p] for p in _paths(target)]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves), step
+
+    def first_that_loads(self, load, step: int | None = None):
+        """``load(step)`` of the given step, or of the newest checkpoint for which it succeeds: a
+        damaged checkpoint (``DamagedCheckpoint``: a truncated file, missing metadata) is reported
+        and the one before it tried, as a resumed run does. Any other error (a checkpoint that does
+        not fit the model, a wrong setting) stops at once."""
+        if step is not None:
+            return load(self.resolve(step))
+        failures = []
+        for candidate in reversed(self.steps()):
+            try:
+                result = load(candidate)
+            except DamagedCheckpoint as e:
+                failures.append(f"step {candidate}: {e}")
+                logging.warning("The checkpoint at %s does not load: %s.", self.step_path(candidate), e)
+                continue
+            if failures:
+                where = self.step_path(candidate)
+                logging.warning("Using the newest checkpoint that loads: step %d at %s.", candidate, where)
+            return result
+        if failures:
+            raise CheckpointError(f"No checkpoint under {self.given} loads: {'; '.join(failures)}.")
+        return load(self.latest_step())  # raises the error of a run without checkpoints
 
     # ---- The model, ready to apply.
 

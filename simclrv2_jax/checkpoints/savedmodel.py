@@ -58,6 +58,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -244,12 +245,15 @@ def export_saved_model(
         raise ExportError(f"--image_size={image_size}: use a positive size, or 0 for any height and width.")
     if not os.path.isdir(_absolute(workdir)) and "://" not in os.fspath(workdir):
         raise ExportError(f"--workdir {workdir} does not exist or is not a directory.")
-    run = SavedRun(workdir, "--workdir").load_model(step)
+    saved = SavedRun(workdir, "--workdir")
+    run = saved.first_that_loads(saved.load_model, step)
     side = _side(run, image_size)
-    # Written beside ``out`` and moved there only when complete: never a half-written SavedModel at
-    # ``out``, and nothing left behind when the export fails.
-    partial = f"{out_path}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    # Written in a folder of its own beside ``out`` and moved there only when complete: never a
+    # half-written SavedModel at ``out``, nothing left behind when the export fails, and no other
+    # export's (or anyone's) folder touched.
+    parent = os.path.dirname(out_path)
+    os.makedirs(parent, exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{os.path.basename(out_path)}.export-", dir=parent)
     try:
         with stablehlo_readable_by_tensorflow():
             module = build_module(run, image_size=image_size, platforms=tuple(platforms))
@@ -277,10 +281,15 @@ def export_saved_model(
         os.makedirs(os.path.join(partial, os.path.dirname(INFO_PATH)), exist_ok=True)
         with open(os.path.join(partial, INFO_PATH), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
-        if os.path.isdir(out_path):
+        if os.path.isdir(out_path) and not os.listdir(out_path):
             os.rmdir(out_path)  # empty, checked above
-        os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        os.replace(partial, out_path)
+        try:
+            os.rename(partial, out_path)
+        except OSError:
+            raise ExportError(
+                f"--out {out} was filled by someone else while this export ran; this export is discarded, "
+                "theirs is kept. Choose a new --out."
+            ) from None
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return info

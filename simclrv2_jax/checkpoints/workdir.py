@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
@@ -37,16 +38,17 @@ class WorkdirError(ValueError):
     """A workdir that cannot be used: not a directory, not writable, or held by another run."""
 
 
-def prepare(workdir: str) -> epath.Path:
-    """Creates ``workdir`` if needed; one clear error if it is a file or cannot be written."""
+def prepare(workdir: str, flag: str = "--workdir") -> epath.Path:
+    """Creates ``workdir`` if needed; one clear error naming ``flag`` if it is a file or cannot be
+    written."""
     path = epath.Path(workdir if "://" in os.fspath(workdir) else os.path.abspath(workdir))
     if path.exists() and not path.is_dir():
-        raise WorkdirError(f"--workdir {workdir} is a file, not a directory. Pass a directory path.")
+        raise WorkdirError(f"{flag} {workdir} is a file, not a directory. Pass a directory path.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise WorkdirError(
-            f"Cannot create the workdir {workdir}: {_os_reason(e)}. Pass a writable --workdir."
+            f"Cannot create {flag} {workdir}: {_os_reason(e)}. Pass a writable {flag}."
         ) from None
     return path
 
@@ -210,16 +212,25 @@ def running_run(workdir: epath.Path) -> dict[str, Any] | None:
     return WorkdirLock(workdir).live_holder()
 
 
-def finished_results(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+def finished_results(
+    workdir: str | os.PathLike, config: ml_collections.ConfigDict, same_inputs: Sequence[str] = ()
+) -> dict[str, Any] | None:
     """The run's ``results.json`` if it already ran to the end in ``workdir`` with this very config
-    (``completed``, and ``config.json`` equal to ``config``), else None: such a run is skipped."""
+    (``completed``, and ``config.json`` equal to ``config``), else None: such a run is skipped.
+
+    ``same_inputs``: path fields the caller has checked name the same inputs (``lineage``) however
+    they are spelled; they are left out of the comparison."""
     path = epath.Path(workdir)
     try:
         results = json.loads((path / "results.json").read_text())
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    if saved != config_lib.plain(config) or not results.get("completed"):
+    now = config_lib.plain(config)
+    for field in same_inputs:
+        saved.pop(field, None)
+        now.pop(field, None)
+    if saved != now or not results.get("completed"):
         return None
     return results
 
@@ -277,7 +288,8 @@ def check_resume(
         raise ValueError(
             f"This run's config changes optimisation fields against the checkpoint at {checkpoint_path}: "
             f"{listing(unasked)}. To continue with the new values, name them: "
-            f"--config.resume_changes={','.join(unasked)} (the change is recorded in history.jsonl); "
+            f"{config_lib.flag('resume_changes')}={','.join(unasked)} (the change is recorded in "
+            "history.jsonl); "
             "or resume with the checkpoint's values."
         )
     return {k: v for k, v in changes.items() if k in fields.RESUME_OPTIMISATION_FIELDS}

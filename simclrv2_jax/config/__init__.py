@@ -12,9 +12,12 @@ imported where it is used.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
@@ -69,3 +72,23 @@ def from_saved(saved: dict[str, Any]) -> ml_collections.ConfigDict:
                     f"The saved config's {key}={value!r} does not fit the field ({e})."
                 ) from None
     return config
+
+
+# The command-line flag that holds the config of the stage being run: ``config`` for ``main``, the
+# stage's own (``finetune``, ``distill``, ...) under ``run_all``. Advice in error messages names it.
+_FLAG = contextvars.ContextVar("simclrv2_jax_config_flag", default="config")
+
+
+def flag(field: str) -> str:
+    """The command-line spelling of ``field`` for the command being run, e.g. ``--config.seed``."""
+    return f"--{_FLAG.get()}.{field}"
+
+
+@contextlib.contextmanager
+def command_flag(name: str) -> Iterator[None]:
+    """Within it, ``flag(field)`` spells fields as ``--<name>.<field>`` (``run_all``'s stage flags)."""
+    token = _FLAG.set(name)
+    try:
+        yield
+    finally:
+        _FLAG.reset(token)

@@ -149,6 +149,19 @@ class DataSource:
         raise NotImplementedError
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    """One error naming ``where`` and the bad values when a label lies outside ``[0, num_classes)``."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        values = np.unique(bad)
+        shown = ", ".join(str(int(v)) for v in values[:10]) + (" ..." if len(values) > 10 else "")
+        raise ValueError(
+            f"{where} has {bad.size} label(s) outside [0, {num_classes}): {shown}. The data set has "
+            f"{num_classes} classes, so labels must be 0..{num_classes - 1}; fix the labels or the data set."
+        )
+
+
 def _check_shard(shard_index: int, num_shards: int) -> None:
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}.")
@@ -166,6 +179,8 @@ class InMemorySource(DataSource):
     num_classes: int
     data: dict[str, tuple[np.ndarray, np.ndarray]]
     class_names: tuple[str, ...] | None = None
+    # Where each split was read from (a file or folder), named when its labels are out of range.
+    origins: dict[str, str] = dataclasses.field(default_factory=dict)
     in_memory: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self):
@@ -173,6 +188,8 @@ class InMemorySource(DataSource):
             split: (_to_three_channels(images), np.asarray(labels, np.int64))
             for split, (images, labels) in self.data.items()
         }
+        for split, (_, labels) in self.data.items():
+            check_labels(labels, self.num_classes, self.origins.get(split, f"{self.name!r}/{split}"))
         shapes = {images.shape[1:] for images, _ in self.data.values()}
         if len(shapes) != 1:
             raise ValueError(f"All splits of {self.name!r} must share one image shape, got {shapes}.")
@@ -457,7 +474,10 @@ def load_fashion_mnist(data_dir: str | None = None) -> InMemorySource:
                 f"{images.shape}, labels {labels.shape}."
             )
         data[split] = (images, labels)
-    return InMemorySource(name=FASHION_MNIST, num_classes=10, data=data, class_names=FASHION_MNIST_CLASSES)
+    origins = {split: os.path.join(directory, files[1]) for split, files in FASHION_MNIST_FILES.items()}
+    return InMemorySource(
+        name=FASHION_MNIST, num_classes=10, data=data, class_names=FASHION_MNIST_CLASSES, origins=origins
+    )
 
 
 # ------------------------------------------------------------------------------------------------

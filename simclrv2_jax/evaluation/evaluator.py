@@ -250,6 +250,27 @@ class Results:
         tmp.replace(self.path)
 
 
+def _warn_of_rotated(run: SavedRun, previous: int | None, step: int) -> None:
+    """Names the checkpoints a training run saved between ``previous`` and ``step`` (by its
+    ``checkpoint_steps``) that were rotated away (``keep_checkpoint_max``) before this evaluator saw
+    them."""
+    if previous is None:
+        return
+    try:
+        every = int(run.saved_config(step).get("checkpoint_steps", 0))
+    except Exception:  # the config of a checkpoint that is going away: nothing to say
+        return
+    if every <= 0:
+        return
+    missed = list(range((previous // every + 1) * every, step, every))
+    if missed:
+        logging.warning(
+            "Checkpoints of steps %s were saved and rotated away (keep_checkpoint_max) before they could "
+            "be evaluated; raise keep_checkpoint_max to evaluate every one.",
+            ", ".join(map(str, missed)),
+        )
+
+
 class _Session:
     """What one ``evaluate_run`` keeps across checkpoints: the evaluator of the current config, the
     TensorBoard writers per split and the results file."""
@@ -333,13 +354,13 @@ def evaluate_run(
     if step is not None and every_checkpoint:
         raise ValueError("Pass either --step or --every_checkpoint, not both.")
     run = SavedRun(workdir, "--workdir")
-    if not every_checkpoint:
+    if not every_checkpoint and step is not None:
         step = run.resolve(step)
-    out = workdir_lib.prepare(output_dir) if output_dir else run.root
+    out = workdir_lib.prepare(output_dir, "--output_dir") if output_dir else run.root
     session = _Session(run, overrides, out, mesh or parallel.create_mesh())
     try:
         if not every_checkpoint:
-            session.evaluate(step, skip_done=False)
+            run.first_that_loads(lambda at: session.evaluate(at, skip_done=False), step)
             return session.added
         steps = watch(
             run.steps,
@@ -348,7 +369,10 @@ def evaluate_run(
             timeout_s=timeout_s,
             poll_s=poll_s,
         )
+        previous = None
         for at in steps:
+            _warn_of_rotated(run, previous, at)
+            previous = at
             try:
                 session.evaluate(at, skip_done=True)
             except CheckpointError:

@@ -18,12 +18,12 @@ Models are those of ``SavedRun(workdir).load_model()`` (a run's checkpoint) or
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import jax
 import numpy as np
 
+from simclrv2_jax.checkpoints.release_read import path_readable  # noqa: F401  (the notebook's)
 from simclrv2_jax.data import device_augment
 
 
@@ -132,31 +132,6 @@ def top_k(logits: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
     return classes, np.take_along_axis(probabilities, classes, axis=-1)
-
-
-def path_readable(path: str, timeout_s: float = 20.0, exists=None) -> bool:
-    """Whether ``path`` exists and can be read (``tf.io.gfile.exists``), answered within ``timeout_s``.
-
-    A remote path (``gs://...``) without network, or without a way to authenticate, can make the
-    file system retry for minutes; the check runs in a daemon thread and counts as "no" when it has
-    not answered in time, or raised. ``exists`` replaces ``tf.io.gfile.exists`` (tests).
-    """
-    if exists is None:
-        from simclrv2_jax.data.tf_cpu import tf
-
-        exists = tf.io.gfile.exists
-    answer: list[bool] = []
-
-    def check() -> None:
-        try:
-            answer.append(bool(exists(path)))
-        except Exception:  # any failure to read is a "no"; the caller falls back
-            answer.append(False)
-
-    thread = threading.Thread(target=check, name="path_readable", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(answer and answer[0])
 
 
 def split_images(source, split: str, count: int, image_size: int, seed: int | None = None):

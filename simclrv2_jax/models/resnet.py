@@ -13,9 +13,13 @@ for small test models); ``depth`` must then be the layer count ``3 * sum + 2`` (
 ``scan_blocks`` runs each group's blocks after the first as one ``nn.scan`` loop with stacked
 weights (``block_group{g}_scan``; ``models.block_stack`` converts to and from one entry per block).
 
-``fine_tune_after_block = k`` (0 = stem, 1..4 = block groups) freezes everything up to and including
-part k: its output is wrapped in ``stop_gradient`` and its batch norms run in inference mode, so
-neither the weights nor the BN statistics move. ``-1`` trains everything.
+``fine_tune_after_block = k`` (0 = stem, 1..4 = block groups) freezes the weights of everything up to
+and including part k: its output is wrapped in ``stop_gradient`` (and the optimiser zeroes their
+updates, ``optim.trainable_mask``). As in the TF1 release, whose fine-tuning only stops the gradient,
+the frozen parts' batch norms still run in training mode for k in 0..3 -- they normalise with batch
+statistics and update their moving statistics -- and only k = 4 (linear evaluation: the whole
+backbone frozen) runs the backbone in inference mode, its BN statistics fixed. ``-1`` trains
+everything.
 """
 
 from __future__ import annotations
@@ -245,7 +249,10 @@ class ResNet(nn.Module):
         bn = dict(num_groups=self.num_groups, momentum=self.momentum, dtype=self.dtype)
 
         def part_train(part: int) -> bool:
-            return train and part > self.fine_tune_after_block
+            # As the TF1 release: frozen parts still normalise with batch statistics and update their
+            # moving statistics while fine-tuning (only their weights are frozen); linear evaluation
+            # (everything frozen, k >= 4) runs the whole backbone in inference mode.
+            return train and (part > self.fine_tune_after_block or self.fine_tune_after_block < 4)
 
         def maybe_freeze(part: int, y: jax.Array) -> jax.Array:
             return jax.lax.stop_gradient(y) if part <= self.fine_tune_after_block else y

@@ -11,6 +11,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from simclrv2_jax.config import flag as config_flag
 from simclrv2_jax.config.fields import ARCH_FIELDS
 from simclrv2_jax.data import sources
 from simclrv2_jax.models.simclr import SimCLRModel
@@ -18,6 +19,14 @@ from simclrv2_jax.train import optim
 
 
 def num_classes(config: ml_collections.ConfigDict, source: sources.DataSource) -> int:
+    """The supervised head's classes: ``config.num_classes``, or the data set's when it is 0. Fewer
+    than the data set has is an error: labels past the head's last class would make the loss NaN."""
+    if config.num_classes and config.num_classes < source.num_classes:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} is fewer than the {source.num_classes} classes of "
+            f"data set {config.dataset!r}. Set {config_flag('num_classes')}={source.num_classes} (or 0: "
+            "the data set's count)."
+        )
     return config.num_classes or source.num_classes
 
 
@@ -93,7 +102,7 @@ def abstract_variables(model: SimCLRModel, image_shape: tuple[int, ...]) -> dict
 
 
 def adopt_architecture(
-    config: ml_collections.ConfigDict, path: str, *, what: str, flag: str = "--config.checkpoint"
+    config: ml_collections.ConfigDict, path: str, *, what: str, flag: str | None = None
 ) -> None:
     """Gives ``config`` the architecture (``ARCH_FIELDS``) of the checkpoint it starts from.
 
@@ -105,7 +114,7 @@ def adopt_architecture(
     from simclrv2_jax import checkpoints
     from simclrv2_jax.config.validation import validate
 
-    saved = checkpoints.SavedRun(path, flag).saved_config()
+    saved = checkpoints.SavedRun(path, flag or config_flag("checkpoint")).saved_config()
     changed = {}
     for field in ARCH_FIELDS:
         if field not in saved or field not in config:

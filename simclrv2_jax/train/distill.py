@@ -17,13 +17,12 @@ import ml_collections
 from jax.sharding import Mesh
 
 from simclrv2_jax import checkpoints
+from simclrv2_jax.config import flag
 from simclrv2_jax.config.fields import ARCH_FIELDS
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.models.heads import kept_head_layers
 from simclrv2_jax.train import components, inputs, losses, parallel
 from simclrv2_jax.train.task import Task
-
-TEACHER_FLAG = "--config.teacher_checkpoint"
 
 
 def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -32,7 +31,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
             "config.teacher_checkpoint is empty: point it at a fine-tuning run's workdir "
             "(or one of its checkpoint step folders)."
         )
-    saved = checkpoints.SavedRun(config.teacher_checkpoint, TEACHER_FLAG).config()
+    saved = checkpoints.SavedRun(config.teacher_checkpoint, flag("teacher_checkpoint")).config()
     if saved.get("stage") not in ("finetune", "distill"):
         raise checkpoints.CheckpointError(
             f"config.teacher_checkpoint={config.teacher_checkpoint} holds a {saved.get('stage')!r} run; the "
@@ -62,7 +61,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         # A student that starts as the teacher has the teacher's network.
         teacher_config(config)  # a wrong path or stage fails with its own message first
         components.adopt_architecture(
-            config, config.teacher_checkpoint, what="teacher checkpoint", flag=TEACHER_FLAG
+            config, config.teacher_checkpoint, what="teacher checkpoint", flag=flag("teacher_checkpoint")
         )
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
@@ -77,7 +76,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     student = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
     rep = parallel.replicated(mesh)
 
-    teacher_vars, _ = checkpoints.SavedRun(config.teacher_checkpoint, TEACHER_FLAG).load_variables(
+    teacher_vars, _ = checkpoints.SavedRun(
+        config.teacher_checkpoint, flag("teacher_checkpoint")
+    ).load_variables(
         components.abstract_variables(teacher, components.image_shape(config, source)),
         sharding=rep,
         what="teacher checkpoint",
@@ -148,7 +149,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     initialize = None
     if config.init_student_from_teacher:
         initialize = checkpoints.initialize_from(
-            config.teacher_checkpoint, mesh, what="teacher checkpoint", keep_head=True, flag=TEACHER_FLAG
+            config.teacher_checkpoint,
+            mesh,
+            what="teacher checkpoint",
+            keep_head=True,
+            flag=flag("teacher_checkpoint"),
         )
     return Task(
         name="distill",
@@ -168,6 +173,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         eval_extra_sums=teacher_top1,
         initialize=initialize,
         extra=(teacher_vars,),
+        inputs={"teacher": (config.teacher_checkpoint, "teacher_checkpoint")},
         extra_shardings=(jax.tree_util.tree_map(lambda _: rep, teacher_vars),),
         info=info,
     )

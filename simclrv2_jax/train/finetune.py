@@ -7,7 +7,9 @@ initialised (``zero_init_logits_layer`` zeroes it; ``init_head_from_checkpoint``
 pretrained linear-eval head instead, which fits when ``ft_proj_selector = 0``).
 
 What trains: the supervised head, the backbone after ``fine_tune_after_block`` (the frozen blocks get
-a stop-gradient, BN in inference mode and zeroed updates) and, with ``train_proj_head_in_finetune``,
+a stop-gradient and zeroed updates; as in the TF1 release their BN keeps running in training mode and
+updating its statistics, except at ``fine_tune_after_block=4``, linear evaluation, where the backbone
+runs in inference mode) and, with ``train_proj_head_in_finetune``,
 the kept projection-head layers. Without it (the TF1 release, whose fine-tuning trains only the
 backbone blocks and the supervised head) their weights stay as pretrained while their BN still runs
 in training mode and updates its moving statistics; the gradient still flows through them.
@@ -24,6 +26,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from simclrv2_jax import checkpoints
+from simclrv2_jax.config import flag
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.train import components, inputs, losses, optim
 from simclrv2_jax.train.task import Task
@@ -39,7 +42,7 @@ def supervised_loss(outputs: dict, batch: dict, params) -> tuple[jax.Array, dict
 def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | None = None) -> Task:
     if config.checkpoint:
         # A wrong path fails now, not after compiling.
-        checkpoints.SavedRun(config.checkpoint, "--config.checkpoint").latest_step()
+        checkpoints.SavedRun(config.checkpoint, flag("checkpoint")).latest_step()
         components.adopt_architecture(config, config.checkpoint, what="pretraining checkpoint")
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
@@ -79,6 +82,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         eval_data=data.eval_data(),
         eval_preprocess=data.eval_preprocess(),
         initialize=initialize,
+        inputs={"checkpoint": (config.checkpoint, "checkpoint")} if config.checkpoint else {},
         info={
             "num_labeled_examples": num_labeled,
             "num_classes": classes,

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 
+from simclrv2_jax.config import flag
 from simclrv2_jax.train.step import GUARD_METRICS, nonfinite_parts
 
 
@@ -63,8 +64,8 @@ class Guard:
         return (
             f"{name} diverged at step {report.step}: non-finite {', '.join(report.parts)} ({shown}); "
             f"the step was not applied and {allowance}. The last finite state (step {kept_step}) is saved in "
-            f"{where}. Resume from it with a lower learning rate (--config.learning_rate="
-            f"{config.learning_rate / 10:g} --config.resume_changes=learning_rate) or let the run skip "
-            "such steps (--config.skip_nonfinite_steps=N); if it diverges again at once, the weights were "
+            f"{where}. Resume from it with a lower learning rate ({flag('learning_rate')}="
+            f"{config.learning_rate / 10:g} {flag('resume_changes')}=learning_rate) or let the run skip "
+            f"such steps ({flag('skip_nonfinite_steps')}=N); if it diverges again at once, the weights were "
             "already ruined before this step: start afresh in a new --workdir."
         )

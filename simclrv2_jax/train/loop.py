@@ -33,8 +33,10 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh
 
-from simclrv2_jax.checkpoints import Checkpointer
+from simclrv2_jax.checkpoints import Checkpointer, lineage
 from simclrv2_jax.checkpoints import workdir as workdir_lib
+from simclrv2_jax.config import flag
+from simclrv2_jax.config.validation import resume_change_names
 from simclrv2_jax.data.array_pipeline import global_iterator
 from simclrv2_jax.train import parallel
 from simclrv2_jax.train.evaluation import EvalInterrupted, eval_totals, mean_metrics
@@ -107,8 +109,10 @@ def compile_init(init: Callable[[], TrainState], shardings: Any) -> Callable[[],
 
 
 def restore_or_init(task: Task, checkpointer: Checkpointer, layout, workdir: str):
-    """``(state, state_sharding, changes, resumed)``: the newest checkpoint that loads (its config
-    checked against the task's), else a fresh state initialised from the earlier stage."""
+    """``(state, state_sharding, changes, record)``: the newest checkpoint that loads (its config and
+    its inputs checked against the task's), else a fresh state initialised from the earlier stage.
+    ``record`` is the run's ``run.json`` (``checkpoints.lineage``), written here for a fresh run;
+    ``changes`` is empty for a fresh run."""
     config = task.config
 
     def init() -> TrainState:
@@ -119,21 +123,60 @@ def restore_or_init(task: Task, checkpointer: Checkpointer, layout, workdir: str
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding
     )
+    now = {role: lineage.describe(path, flag(field)) for role, (path, field) in task.inputs.items()}
+    record = lineage.read(workdir)
     changes: dict[str, tuple[Any, Any]] = {}
 
     def check_config(saved: dict | None, path) -> None:
         changes.clear()
-        changes.update(workdir_lib.check_resume(saved, config, str(path)))
+        changes.update(workdir_lib.check_resume(_inputs_as_now(saved, task, record, now), config, str(path)))
 
     restored = checkpointer.restore_latest(abstract, check_config)
     if restored is not None:
         state, latest, _ = restored
         logging.info("Resuming %s from the checkpoint at step %d in %s", task.name, latest, workdir)
-        return state, state_sharding, changes, True
+        return state, state_sharding, changes, _resumed_record(task, workdir, record, now)
     state = compile_init(init, state_sharding)()
     if task.initialize is not None:
         state = jax.device_put(task.initialize(state, task.tx), state_sharding)
-    return state, state_sharding, changes, False
+    return state, state_sharding, changes, lineage.create(workdir, now)
+
+
+def _inputs_as_now(saved: dict | None, task: Task, record: dict | None, now: dict) -> dict | None:
+    """The checkpoint's config with each input path that names the same input as now (a moved or
+    copied run, a path spelled otherwise) replaced by today's spelling: that is no change."""
+    if not saved or not record:
+        return saved
+    saved = dict(saved)
+    for role, (path, field) in task.inputs.items():
+        if saved.get(field) != path and lineage.same(record.get("inputs", {}).get(role), now[role]):
+            saved[field] = path
+    return saved
+
+
+def _resumed_record(task: Task, workdir: str, record: dict | None, now: dict) -> dict:
+    """The run record of a resumed run, after refusing an input that changed since the run started
+    (another teacher, or the teacher trained on) unless its field is named in ``resume_changes``."""
+    if record is None:  # a run of an earlier version: what it reads now is what it started from
+        return lineage.create(workdir, now)
+    named = resume_change_names(task.config)
+    updated = False
+    for role, (path, field) in task.inputs.items():
+        recorded = record.get("inputs", {}).get(role)
+        if role == "checkpoint" or recorded is None or lineage.same(recorded, now[role]):
+            continue  # the initial checkpoint is read only when a run starts fresh
+        if field not in named:
+            raise ValueError(
+                f"The {role} this run started with ({recorded.get('path')} at step {recorded.get('step')}) "
+                f"is not what {flag(field)}={path} is now ({now[role]['path']} at step {now[role]['step']}): "
+                f"resuming would go on with another {role}. To go on with it, name the change: "
+                f"{flag('resume_changes')}={field}; or start afresh in a new --workdir."
+            )
+        record["inputs"][role] = now[role]
+        updated = True
+    if updated:
+        lineage.write(workdir, record)
+    return record
 
 
 class _Training:
@@ -146,6 +189,7 @@ class _Training:
         self.state: TrainState | None = None
         self.step = start_step
         self.last_metrics: dict[str, jax.Array] | None = None
+        self.pending_changes: dict[str, tuple[Any, Any]] = {}  # resume changes not yet recorded
 
     def save(self, force: bool = False) -> None:
         # Halted states carry the budget one past its end; saved, they carry the budget used.
@@ -249,11 +293,19 @@ def run(
         workdir, max_to_keep=config.keep_checkpoint_max, save_interval_steps=config.checkpoint_steps
     )
     try:
-        state, state_sharding, changes, resumed = restore_or_init(task, checkpointer, layout, workdir)
+        state, state_sharding, changes, record = restore_or_init(task, checkpointer, layout, workdir)
+        start_step, total = int(jax.device_get(state.step)), task.total_steps
+        if changes and start_step >= total:
+            names = ",".join(changes)
+            raise ValueError(
+                f"{task.name} in {workdir} has already finished (step {start_step} of {total}): changing "
+                f"{names} now would train nothing and only relabel the run. To train on under the new "
+                f"values, lengthen the run too ({flag('train_steps')}=N {flag('resume_changes')}={names},"
+                "train_steps), or use a new --workdir."
+            )
     except BaseException:
         checkpointer.close()
         raise
-    start_step, total = int(jax.device_get(state.step)), task.total_steps
     train_fn = jax.jit(
         task.make_train_step(layout),
         in_shardings=(state_sharding, data, *task.extra_shardings),
@@ -268,11 +320,12 @@ def run(
             out_shardings=rep,
         )
     outputs = Outputs(workdir, config, start_step=start_step, total=total)
-    if not resumed or changes:
+    if start_step == 0:
         outputs.write_json("config.json", config.to_dict())
     if changes:
         logging.warning(
-            "%s resumes at step %d with changed optimisation fields (recorded in history.jsonl): %s",
+            "%s resumes at step %d with changed optimisation fields (recorded in history.jsonl; "
+            "config.json takes them once a step has run under them): %s",
             task.name,
             start_step,
             {k: f"{a!r} -> {b!r}" for k, (a, b) in changes.items()},
@@ -290,6 +343,7 @@ def run(
     )
     training = _Training(task, checkpointer, stop, start_step)
     training.state = state
+    training.pending_changes = changes
     cadence = Cadence.of(config, total)
     summaries = {"train": {}, "eval": {}}
     t_start = time.time()
@@ -331,10 +385,22 @@ def run(
         "devices": int(mesh.devices.size),
         "augment_on_device": task.augment_on_device,
         **task.info,
+        **_input_fields(record),
     }
     outputs.write_json("results.json", results)
     results["state"] = training.state
     return results
+
+
+def _input_fields(record: dict) -> dict[str, Any]:
+    """What results.json says the run was built from: its id and, per input, the path and step."""
+    inputs = record.get("inputs", {})
+    fields: dict[str, Any] = {"run_id": record.get("run_id"), "inputs": inputs}
+    for role, prefix in (("checkpoint", "init_checkpoint"), ("teacher", "teacher_checkpoint")):
+        if role in inputs:
+            fields[prefix] = inputs[role]["path"]
+            fields[f"{prefix}_step"] = inputs[role]["step"]
+    return fields
 
 
 def _train_loop(
@@ -359,6 +425,11 @@ def _train_loop(
         try:
             step_metrics = training.train_step(train_fn, batch)
             step = training.step
+            if training.pending_changes:
+                # The run's config changes only once a step has run under the new values.
+                training.settle()
+                outputs.write_json("config.json", task.config.to_dict())
+                training.pending_changes = {}
             collected.append(step_metrics)
             outputs.after_step(step)
             if cadence.log(step):

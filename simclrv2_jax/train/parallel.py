@@ -27,6 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from simclrv2_jax.config import flag
 from simclrv2_jax.config.fields import PARAM_SHARDINGS
 from simclrv2_jax.models import block_stack
 from simclrv2_jax.models.block_stack import is_stacked_path
@@ -97,7 +98,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, field: str = "train_bat
         lower = max(devices, global_batch_size // devices * devices)
         raise ValueError(
             f"{field}={global_batch_size} does not divide evenly over {devices} devices. "
-            f"Use a multiple of {devices}, e.g. --config.{field}={lower} or {lower + devices}."
+            f"Use a multiple of {devices}, e.g. {flag(field)}={lower} or {lower + devices}."
         )
     return global_batch_size // jax.process_count()
 
@@ -113,7 +114,7 @@ def input_shards(config) -> int:
     if shards % processes or config.train_batch_size % shards:
         raise ValueError(
             f"config.input_shards={shards} must be a multiple of the {processes} process(es) and divide "
-            f"train_batch_size={config.train_batch_size}. Use e.g. --config.input_shards={processes}, "
+            f"train_batch_size={config.train_batch_size}. Use e.g. {flag('input_shards')}={processes}, "
             "or 0 for one shard per process."
         )
     return shards

@@ -19,7 +19,10 @@ from typing import Any
 from absl import logging
 from ml_collections import ConfigDict
 
+from simclrv2_jax.checkpoints import lineage
 from simclrv2_jax.checkpoints.workdir import finished_results
+from simclrv2_jax.config import command_flag
+from simclrv2_jax.config import flag as config_flag
 from simclrv2_jax.config.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS
 
 PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
@@ -50,26 +53,88 @@ def stage_configs(
     return configs
 
 
-def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]) -> dict[str, Any]:
-    from simclrv2_jax.evaluation.plots import plot_summary
+# Each stage's inputs (``checkpoints.lineage``): role -> (the stage whose workdir it reads, config field).
+STAGE_INPUTS = {
+    "finetune": {"checkpoint": ("pretrain", "checkpoint")},
+    "distill": {"teacher": ("finetune", "teacher_checkpoint")},
+}
+
+
+def superseded(stage: str, stage_dir: str, workdir: str) -> list[str]:
+    """The inputs of the run in ``stage_dir`` that have changed since it started (another run, or
+    another step of its earlier stage), described for the log; empty when it is current or new."""
+    record = lineage.read(stage_dir)
+    if record is None:
+        return []
+    changed = []
+    for role, (source, field) in STAGE_INPUTS.get(stage, {}).items():
+        recorded = record.get("inputs", {}).get(role)
+        source_dir = os.path.join(workdir, source)
+        if recorded is None or not os.path.isdir(os.path.join(source_dir, "checkpoints")):
+            continue
+        now = lineage.describe(source_dir, config_flag(field))
+        if not lineage.same(recorded, now):
+            changed.append(
+                f"its {role} was {recorded.get('path')} at step {recorded.get('step')}, now "
+                f"{now['path']} at step {now['step']}"
+            )
+    return changed
+
+
+def set_aside(stage_dir: str) -> str:
+    """Moves a stage's workdir out of the way (never deletes it); returns where it went."""
+    destination = f"{stage_dir}.superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(stage_dir, destination)
+    return destination
+
+
+def run_stage(stage: str, config: ConfigDict, workdir: str) -> tuple[dict[str, Any], bool]:
+    """``(results, trained)`` of one pipeline stage in ``workdir/<stage>``: the stored results of a
+    finished, current run, else what training (or resuming) it gives. A run whose input changed since
+    it started is moved aside first and trained afresh."""
     from simclrv2_jax.train import train_stage
 
-    os.makedirs(workdir, exist_ok=True)
-    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}}
-    for stage in stages:
-        config = configs[stage]
-        stage_dir = os.path.join(workdir, stage)
-        done = finished_results(stage_dir, config)
-        if done is not None:
-            logging.info("pipeline: %s already finished in %s; skipping.", stage, stage_dir)
-            summary["stages"][stage] = done
-            continue
-        logging.info("pipeline: running %s in %s", stage, stage_dir)
-        t0 = time.time()
+    stage_dir = os.path.join(workdir, stage)
+    changed = superseded(stage, stage_dir, workdir)
+    if changed:
+        moved = set_aside(stage_dir)
+        logging.warning(
+            "pipeline: %s is out of date (%s); moved its workdir to %s and training it again.",
+            stage,
+            "; ".join(changed),
+            moved,
+        )
+    # Input paths that name the same runs (a copied or moved pipeline) are no change.
+    done = finished_results(
+        stage_dir, config, same_inputs=[f for _, f in STAGE_INPUTS.get(stage, {}).values()]
+    )
+    if done is not None:
+        logging.info("pipeline: %s already finished in %s; skipping.", stage, stage_dir)
+        return done, False
+    logging.info("pipeline: running %s in %s", stage, stage_dir)
+    t0 = time.time()
+    with command_flag(stage):
         results = train_stage(config, stage_dir)
-        results.pop("state", None)
-        results["stage_wall_time_s"] = time.time() - t0
+    results.pop("state", None)
+    results["stage_wall_time_s"] = time.time() - t0
+    return results, True
+
+
+def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]) -> dict[str, Any]:
+    """Runs ``stages`` in order (see the module docstring); returns what summary.json holds.
+
+    ``wall_time_s`` is this invocation's time; ``total_wall_time_s`` sums each stage's stored time
+    (the time it took when it was trained, whichever invocation that was)."""
+    from simclrv2_jax.evaluation.plots import plot_summary
+
+    t0 = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}, "trained_now": []}
+    for stage in stages:
+        results, trained = run_stage(stage, configs[stage], workdir)
         summary["stages"][stage] = results
+        if trained:
+            summary["trained_now"].append(stage)
     ft = configs["finetune"]
     summary["labels"] = (
         f"{ft.examples_per_class} labels per class"
@@ -80,6 +145,7 @@ def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]
     summary["total_wall_time_s"] = sum(
         r.get("stage_wall_time_s", r.get("wall_time_s", 0.0)) for r in summary["stages"].values()
     )
+    summary["wall_time_s"] = time.time() - t0
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     plot_summary(

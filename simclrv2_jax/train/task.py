@@ -55,6 +55,10 @@ class Task:
     extra: tuple = ()
     extra_shardings: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)  # written to results.json (data sizes, ...)
+    # The earlier runs this one is built from, by role ("checkpoint": the run a fresh state is
+    # initialised from; "teacher": distillation's teacher) -> (path, its config field): recorded in
+    # run.json when the run starts and compared with what they are now when it resumes.
+    inputs: dict = dataclasses.field(default_factory=dict)
 
     total_steps: int = dataclasses.field(init=False)
     tx: optax.GradientTransformation = dataclasses.field(init=False)
