@@ -152,6 +152,104 @@ def _device_rate(
     return count / (time.perf_counter() - start)
 
 
+def folder_rates(encoded: list[bytes], *, batch: int, seconds: float) -> list[dict]:
+    """Views/s from a folder of JPEGs (``dataset="image_folder"``): decoded and resized to 256 for the
+    device without TensorFlow (Pillow in threads), and decoded and augmented on the host with it
+    (tf.data around the same decoder), next to the tfds-style stream of the same JPEGs."""
+    import shutil
+    import tempfile
+
+    from simclrv2_jax.data import augment, folder_pipeline, pipeline
+    from simclrv2_jax.data.folders import FolderSource
+
+    root = tempfile.mkdtemp(prefix="simclr_folders_")
+    try:
+        for i, data in enumerate(encoded):
+            folder = os.path.join(root, "train", f"class{i % 10}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, f"{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+        source = FolderSource(root, labeled_splits=["train"])
+        rows = []
+
+        def timed(batches, views):
+            next(batches)  # warm-up
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                next(batches)
+                count += batch * views
+            return count / (time.perf_counter() - start)
+
+        shard = dict(local_batch_size=batch, seed=0)
+        numpy_batches = folder_pipeline.train_batches(source, "train", size=256, **shard)
+        rows.append(
+            dict(where="folder_decode_resize_for_device_no_tf", views=1, views_per_s=timed(numpy_batches, 1))
+        )
+        for stage, views, contrastive in (("pretrain", 2, True), ("finetune", 1, False)):
+
+            def preprocess(image, seed, contrastive=contrastive):
+                return augment.preprocess_for_train(
+                    image,
+                    seed,
+                    height=224,
+                    width=224,
+                    color_jitter_strength=1.0 if contrastive else 0.0,
+                    use_blur=False,
+                    color_distort=contrastive,
+                )
+
+            ds = pipeline.train_dataset(
+                source, "train", num_views=views, image_size=224, preprocess=preprocess, **shard
+            )
+            rows.append(
+                dict(where=f"folder_host_tf_{stage}", views=views, views_per_s=timed(iter(ds), views))
+            )
+        return rows
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def listing_time(num_files: int, per_folder: int = 1000) -> dict:
+    """Seconds to list a labeled split of ``num_files`` (empty) image files in folders of
+    ``per_folder``, afresh and from the kept index (checked against every folder's time)."""
+    import shutil
+    import tempfile
+
+    from simclrv2_jax.data import folders
+
+    root = tempfile.mkdtemp(prefix="simclr_listing_")
+    try:
+        split = os.path.join(root, "train")
+        t0 = time.perf_counter()
+        for i in range(num_files):
+            folder = os.path.join(
+                split, f"class{i // per_folder % 100:03d}", f"part{i // (per_folder * 100)}"
+            )
+            if i % per_folder == 0:
+                os.makedirs(folder, exist_ok=True)
+            open(os.path.join(folder, f"{i:07d}.jpg"), "wb").close()
+        created = time.perf_counter() - t0
+        home = os.path.join(root, "run")
+        with folders.index_home(home):
+            t0 = time.perf_counter()
+            first = folders.load_index(split, labeled=True)
+            fresh = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            again = folders.load_index(split, labeled=True)
+            kept = time.perf_counter() - t0
+        assert len(first.paths) == len(again.paths) == num_files
+        return {
+            "files": num_files,
+            "folders": len(first.folders),
+            "classes": len(first.classes),
+            "seconds_to_create": created,
+            "seconds_to_list_and_keep": fresh,
+            "seconds_from_kept_index": kept,
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _stamp(times: dict, step: int, state) -> None:
     times[step] = time.perf_counter()
 
@@ -196,12 +294,64 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--num_jpegs", type=int, default=256)
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--folders", action="store_true", help="image folders: views/s with and without TF, listing time"
+    )
+    parser.add_argument(
+        "--list_files", type=int, default=1_000_000, help="files the listing benchmark writes"
+    )
     args = parser.parse_args()
 
     import jax
 
     here = os.path.dirname(__file__)
     cores = len(os.sched_getaffinity(0))
+    if args.folders:
+        rows = [
+            dict(row, views_per_s_per_core=row["views_per_s"] / cores)
+            for row in folder_rates(_jpegs(args.num_jpegs), batch=args.batch, seconds=args.seconds)
+        ]
+        jpegs = JpegSource(_jpegs(args.num_jpegs))
+        from simclrv2_jax.data import augment
+
+        rate = _host_rate(
+            jpegs,
+            views=1,
+            preprocess=lambda image, seed: augment.resize(image, 256, 256),
+            image_size=256,
+            batch=args.batch,
+            seconds=args.seconds,
+        )
+        rows.append(
+            dict(
+                where="tfds_style_stream_resize_for_device",
+                views=1,
+                views_per_s=rate,
+                views_per_s_per_core=rate / cores,
+            )
+        )
+        for row in rows:
+            print(json.dumps(row))
+        listing = listing_time(args.list_files)
+        print(json.dumps(listing))
+        payload = {
+            "benchmark": "input_pipeline_folders",
+            "what": "500x375 JPEGs in class folders: decoded views/s (224 px; 256 px for the device), "
+            "and the time to list a split of many files",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "backend": jax.default_backend(),
+            "machine": cpu_info(),
+            "cores": cores,
+            "rows": rows,
+            "listing": listing,
+        }
+        out = args.out or os.path.join(
+            here, "results", f"input_pipeline_folders_{jax.default_backend()}.json"
+        )
+        with open(out, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {out}")
+        return
     if args.end_to_end:
         rates = end_to_end(args.steps, args.data_dir)
         payload = {

@@ -3,6 +3,7 @@
     python -m simclrv2_jax.evaluate --workdir=RUN                      # the latest checkpoint
     python -m simclrv2_jax.evaluate --workdir=RUN --step=400           # one checkpoint
     python -m simclrv2_jax.evaluate --workdir=RUN --every_checkpoint   # each one, as the run saves it
+    python -m simclrv2_jax.evaluate --workdir=RUN --knn                # and the k-NN of h
     python -m simclrv2_jax.evaluate --workdir=RUN --config.eval_split=validation --config.data_dir=DIR
 
 Any workdir with checkpoints: a pretraining run (its linear-evaluation head), a fine-tuning or
@@ -21,6 +22,7 @@ from simclrv2_jax.cli import data_flags_parser, define_data_overrides
 from simclrv2_jax.evaluation.evaluator import (
     EVAL_FIELDS,
     RESULTS_NAME,
+    describe,
     evaluate_run,
 )
 
@@ -35,6 +37,13 @@ _TIMEOUT = flags.DEFINE_float(
 )
 _POLL = flags.DEFINE_float(
     "poll_s", 10.0, "With --every_checkpoint: seconds between looks for new checkpoints."
+)
+_KNN = flags.DEFINE_bool(
+    "knn",
+    False,
+    "Also measure the representation h by k-NN (knn_top1: the training split as the bank, k = "
+    "--config.knn_k, weights exp(sim / --config.knn_temperature)); a network without a supervised "
+    "head is measured by it alone.",
 )
 _CONFIG = define_data_overrides(EVAL_FIELDS, f"Data settings: --config.<field> for {', '.join(EVAL_FIELDS)}.")
 flags.mark_flags_as_required(["workdir"])
@@ -59,6 +68,7 @@ def main(argv: list[str]) -> int:
                 output_dir=_OUTPUT.value,
                 timeout_s=_TIMEOUT.value,
                 poll_s=_POLL.value,
+                knn=_KNN.value,
             )
         except KeyboardInterrupt:
             raise Interrupted(
@@ -69,8 +79,7 @@ def main(argv: list[str]) -> int:
     code, added = run_reporting_user_errors(evaluate)
     for entry in added or []:
         print(
-            f"step {entry['step']}: top-1 {entry['top1']:.4f}  top-5 {entry['top5']:.4f}  "
-            f"loss {entry['loss']:.4f}  ({entry['num_examples']} examples of "
+            f"step {entry['step']}: {describe(entry)}  ({entry['num_examples']} examples of "
             f"{entry['dataset']}/{entry['eval_split']})"
         )
     return code

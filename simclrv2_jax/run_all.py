@@ -79,6 +79,12 @@ def main(argv: list[str]) -> int:
         for stage, acc in summary["test_top1"].items()
         if acc is not None
     ]
+    if "knn_top1" in summary:
+        knn = summary["knn_top1"]
+        lines.append(
+            f"  k-NN of h  pretrained {100 * knn['pretrained']:.2f}%, randomly initialised "
+            f"{100 * knn['random_init']:.2f}%; k-NN of the raw pixels {100 * knn['pixels']:.2f}%"
+        )
     trained = ", ".join(summary["trained_now"]) or "nothing: every stage had finished"
     print(
         f"Pipeline finished in {summary['wall_time_s'] / 60:.1f} min (trained now: {trained}); the stages' "

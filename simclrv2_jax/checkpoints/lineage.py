@@ -61,12 +61,14 @@ def same(recorded: dict[str, Any] | None, now: dict[str, Any]) -> bool:
     return same_run and recorded.get("step") == now.get("step")
 
 
-def create(workdir: str | os.PathLike, inputs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Writes a new run record (a fresh id) with ``inputs`` and returns it (process 0 writes)."""
+def create(workdir: str | os.PathLike, inputs: dict[str, dict[str, Any]], **about: Any) -> dict[str, Any]:
+    """Writes a new run record (a fresh id) with ``inputs`` and what else is ``about`` the run (its
+    ``class_names``) and returns it (process 0 writes)."""
     record = {
         "run_id": uuid.uuid4().hex,
         "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "inputs": inputs,
+        **{k: v for k, v in about.items() if v},
     }
     write(workdir, record)
     return record

@@ -245,6 +245,13 @@ class SavedRun:
         kernel = self.shapes(step).get("params", {}).get("head_supervised", {}).get("dense", {}).get("kernel")
         return int(kernel.shape[-1]) if kernel is not None else int(self.config(step).num_classes)
 
+    def class_names(self) -> list[str] | None:
+        """The class names the run was trained with (an image folder's class folders), if recorded."""
+        from simclrv2_jax.checkpoints import lineage
+
+        record = lineage.read(self.root) or {}
+        return list(record["class_names"]) if record.get("class_names") else None
+
     def channels(self, step: int | None = None) -> int:
         """The image channels the first convolution takes."""
         stem = self.shapes(step).get("params", {}).get("backbone", {}).get("stem", {})

@@ -271,6 +271,7 @@ def export_saved_model(
             "stage": run.config.stage,
             "head_mode": run.head_mode,
             "num_classes": run.num_classes,
+            "class_names": saved.class_names(),
             "input_shape": [None, side, side, run.channels],
             "with_gradient": side is not None,
             "outputs": {name: list(spec.shape) for name, spec in sorted(outputs.items())},

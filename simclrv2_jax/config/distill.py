@@ -59,7 +59,22 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> None:
     c.label_fraction = 0.01
 
 
-DATASET_PRESETS = {"imagenet": imagenet, "cifar10": cifar10, "fashion_mnist": fashion_mnist}
+def image_folder(c: ml_collections.ConfigDict) -> None:
+    """Your own images (``--config.data_dir=ROOT``): the training and unlabeled folders, batch 512,
+    100 epochs."""
+    imagenet(c)
+    fields.apply_dataset(c, "image_folder")
+    c.train_batch_size = 512
+    c.train_epochs = 100
+    c.label_fraction = 1.0
+
+
+DATASET_PRESETS = {
+    "imagenet": imagenet,
+    "image_folder": image_folder,
+    "cifar10": cifar10,
+    "fashion_mnist": fashion_mnist,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -40,7 +40,7 @@ ARCH_FIELDS = (
 # What the stages of one pipeline share: the data and the seed.
 SHARED_DATA_FIELDS = ("dataset", "data_dir", "train_split", "eval_split", "image_size", "num_classes", "seed")
 # The labeled subset (fine-tuning, the baseline, distillation's optional labeled loss).
-LABEL_FIELDS = ("label_fraction", "examples_per_class", "label_seed")
+LABEL_FIELDS = ("label_fraction", "examples_per_class", "label_seed", "label_list")
 
 # What a resumed run may change against the config its checkpoint was saved with. Fields that only
 # say how the run is watched or saved change freely. Optimisation fields (the schedule, the loss's
@@ -56,11 +56,16 @@ RESUME_FREE_FIELDS = (
     "checkpoint",  # read only when a run starts fresh
     "profile",
     "skip_nonfinite_steps",
+    "skip_bad_images",  # a run stopped by a bad image resumes with it skipped
     "resume_changes",
     "param_sharding",  # where the arrays live, not what they hold
     "fsdp_min_size",
     "remat",
     "scan_blocks",  # the same weights, stacked; a resume converts them
+    "knn_monitor",  # what is measured, not what is trained
+    "knn_k",
+    "knn_temperature",
+    "knn_bank_size",
 )
 RESUME_OPTIMISATION_FIELDS = (
     "train_epochs",
@@ -75,6 +80,7 @@ RESUME_OPTIMISATION_FIELDS = (
     "temperature",
     "alpha",
     "color_jitter_strength",
+    "crop_min_area",
     "use_blur",
     "data_dir",
     "teacher_checkpoint",
@@ -117,6 +123,8 @@ DATASETS = {
     "cifar10": dict(
         dataset="cifar10", train_split="train", eval_split="test", image_size=32, eval_batch_size=1000
     ),
+    # Your own images (data/folders.py): set data_dir, and the split and image size that fit them.
+    "image_folder": dict(dataset="image_folder", train_split="train", eval_split="test", image_size=224),
     "fashion_mnist": dict(
         dataset="fashion_mnist",
         train_split="train",
@@ -148,6 +156,11 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.eval_split = "test"
     c.image_size = 28
     c.num_classes = 0  # 0 = from the data set
+    # dataset="image_folder" (data/folders.py): the splits that hold images without labels (comma-
+    # separated folder names under data_dir; those that exist join pretraining and distillation), and
+    # whether images that do not decode are skipped (counted) rather than stopping the run.
+    c.unlabeled_splits = "unlabeled"
+    c.skip_bad_images = False
 
     # Model (presets fill these in).
     c.resnet_depth = 18
@@ -199,6 +212,8 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # Augmentation.
     c.color_jitter_strength = 1.0
     c.use_blur = True
+    # The random resized crop's smallest fraction of the image area (the release: 0.08 at any size).
+    c.crop_min_area = 0.08
     # Where the augmentations run: True = inside the jitted step (JAX), False = on the host (tf.data),
     # None = automatic (the device on GPU/TPU; on the CPU the host, or the device without TensorFlow).
     c.augment_on_device = ml_collections.FieldReference(None, field_type=bool)
@@ -210,6 +225,13 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.checkpoint_steps = 1000
     c.keep_checkpoint_max = 5
     c.checkpoint = ""  # checkpoint (or earlier stage's workdir) to start from
+    # The k-NN measure of a representation (train/knn.py; pretraining's monitor, evaluate --knn): h of
+    # each evaluation image votes among its knn_k most cosine-similar training images, weights
+    # exp(similarity / knn_temperature); knn_bank_size > 0 puts that many training images (drawn by
+    # seed) in the bank instead of the whole split.
+    c.knn_k = 200
+    c.knn_temperature = 0.1
+    c.knn_bank_size = 0
     c.profile = False  # write a profiler trace of a few steps to the workdir
 
     # Safety.
@@ -227,6 +249,9 @@ def add_finetune_fields(c: ml_collections.ConfigDict) -> None:
     c.label_fraction = 1.0
     c.examples_per_class = 0  # > 0 overrides label_fraction
     c.label_seed = 0
+    # A file listing the labeled images, one path per line relative to the training split's folder
+    # (image folders; as the release's ImageNet 1% / 10% lists). Empty: label_fraction / examples_per_class.
+    c.label_list = ""
     c.fine_tune_after_block = -1
     c.zero_init_logits_layer = False
     c.init_head_from_checkpoint = False

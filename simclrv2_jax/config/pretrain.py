@@ -65,7 +65,24 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> None:
     c.use_blur = False
 
 
-DATASET_PRESETS = {"imagenet": imagenet, "cifar10": cifar10, "fashion_mnist": fashion_mnist}
+def image_folder(c: ml_collections.ConfigDict) -> None:
+    """Your own images (``--config.data_dir=ROOT``, see data/folders.py): the ImageNet recipe (224 px,
+    R50-1x, colour 1.0 + blur, LARS at 0.1·sqrt(B), τ 0.1) at a batch and length for one accelerator."""
+    imagenet(c)
+    fields.apply_dataset(c, "image_folder")
+    c.train_batch_size = 512
+    c.train_epochs = 100
+    c.warmup_epochs = 10.0
+    c.checkpoint_steps = 1000
+    c.eval_every_steps = 0
+
+
+DATASET_PRESETS = {
+    "imagenet": imagenet,
+    "image_folder": image_folder,
+    "cifar10": cifar10,
+    "fashion_mnist": fashion_mnist,
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -73,6 +90,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.temperature = 0.1
     c.hidden_norm = True
     c.lineareval_while_pretraining = True
+    # knn_top1 of h at every evaluation and at the end (train/knn.py), when the data has labels.
+    c.knn_monitor = True
     # SimCLRv2's MoCo-style memory of negatives (train/memory.py). A queue of the last memory_size
     # projections of a momentum (EMA, moco_momentum) copy of the encoder and head joins every
     # anchor's negatives. The paper: about +1% top-1 at small batches, little at batch 4096, where the

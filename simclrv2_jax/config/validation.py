@@ -94,6 +94,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _fail("momentum", c.momentum, "must be in [0, 1).")
     if not 0 < c.batch_norm_decay < 1:
         _fail("batch_norm_decay", c.batch_norm_decay, "must be in (0, 1).")
+    if "crop_min_area" in c and not 0.0 < c.crop_min_area <= 1.0:
+        _fail(
+            "crop_min_area",
+            c.crop_min_area,
+            "must be in (0, 1]: the smallest fraction of the image a crop covers.",
+        )
+    if "knn_k" in c:
+        positive("knn_k")
+        positive("knn_temperature")
+        positive("knn_bank_size", allow_zero=True)
     if "temperature" in c and c.temperature <= 0:
         _fail("temperature", c.temperature, "must be positive.")
     if "color_jitter_strength" in c and c.color_jitter_strength < 0:

@@ -49,6 +49,44 @@ def _selected(num_examples: int, indices) -> np.ndarray:
     return positions
 
 
+def train_indices(
+    num_examples: int,
+    *,
+    local_batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+    indices=None,
+    what: str = "the split",
+) -> Iterator[np.ndarray]:
+    """The example indices of this process's training batches, step after step from ``start_step``
+    (see the module docstring: strided shard, an epoch order from ``(seed, epoch, process_index)``,
+    the stream's remainder dropped). ``indices`` restricts the split (label fractions)."""
+    _check_process(process_index, process_count)
+    if local_batch_size < 1 or start_step < 0:
+        raise ValueError(
+            f"Need local_batch_size >= 1 and start_step >= 0; got {local_batch_size}, {start_step}."
+        )
+    local = _selected(num_examples, indices)[process_index::process_count]
+    n = len(local)
+    if n == 0:
+        raise ValueError(f"Process {process_index} of {process_count} gets no examples of {what}.")
+    epoch, position = divmod(start_step * local_batch_size, n)
+    order = local[epoch_order(seed, epoch, n, process_index)]
+    while True:
+        parts, needed = [], local_batch_size
+        while needed:
+            take = order[position : position + needed]
+            parts.append(take)
+            needed -= len(take)
+            position += len(take)
+            if position == n:
+                epoch, position = epoch + 1, 0
+                order = local[epoch_order(seed, epoch, n, process_index)]
+        yield np.concatenate(parts)
+
+
 def train_batches(
     source,
     split: str,
@@ -62,33 +100,38 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Infinite training batches of this process: ``image`` uint8 ``[b, H, W, C]``, ``label`` int32
     ``[b]``, ``mask`` float32 ``[b]`` (ones). ``indices`` restricts the split (label fractions)."""
-    _check_process(process_index, process_count)
-    if local_batch_size < 1 or start_step < 0:
-        raise ValueError(
-            f"Need local_batch_size >= 1 and start_step >= 0; got {local_batch_size}, {start_step}."
-        )
     images, labels = source.arrays(split)
-    local = _selected(len(labels), indices)[process_index::process_count]
-    n = len(local)
-    if n == 0:
-        raise ValueError(
-            f"Process {process_index} of {process_count} gets no examples of {source.name!r}/{split}."
-        )
-    epoch, position = divmod(start_step * local_batch_size, n)
-    order = local[epoch_order(seed, epoch, n, process_index)]
     mask = np.ones(local_batch_size, np.float32)
-    while True:
-        parts, needed = [], local_batch_size
-        while needed:
-            take = order[position : position + needed]
-            parts.append(take)
-            needed -= len(take)
-            position += len(take)
-            if position == n:
-                epoch, position = epoch + 1, 0
-                order = local[epoch_order(seed, epoch, n, process_index)]
-        chosen = np.concatenate(parts)
+    for chosen in train_indices(
+        len(labels),
+        local_batch_size=local_batch_size,
+        seed=seed,
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+        indices=indices,
+        what=f"{source.name!r}/{split}",
+    ):
         yield {"image": images[chosen], "label": labels[chosen].astype(np.int32), "mask": mask}
+
+
+def eval_positions(
+    num_examples: int,
+    *,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    indices: np.ndarray | None = None,
+):
+    """``(chosen, pad)`` of each evaluation batch: this process's strided shard of the split (or of
+    its positions ``indices``), padded to ``num_eval_batches`` full batches."""
+    _check_process(process_index, process_count)
+    universe = np.arange(num_examples) if indices is None else np.asarray(indices, np.int64)
+    shard = universe[process_index::process_count]
+    batches = num_eval_batches(len(universe), local_batch_size=local_batch_size, process_count=process_count)
+    for i in range(batches):
+        chosen = shard[i * local_batch_size : (i + 1) * local_batch_size]
+        yield chosen, local_batch_size - len(chosen)
 
 
 def num_eval_batches(num_examples: int, *, local_batch_size: int, process_count: int = 1) -> int:
@@ -97,27 +140,40 @@ def num_eval_batches(num_examples: int, *, local_batch_size: int, process_count:
 
 
 def eval_batches(
-    source, split: str, *, local_batch_size: int, process_index: int = 0, process_count: int = 1
+    source,
+    split: str,
+    *,
+    local_batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    indices: np.ndarray | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over this process's strided shard, as stored (uint8), padded to ``num_eval_batches``
-    full batches. Keys: ``image``, ``label`` int32, ``mask`` float32 (0 on padding), ``index`` int32
-    (position in the split, -1 on padding)."""
-    _check_process(process_index, process_count)
+    """One pass over this process's strided shard (of ``indices`` only, if given), as stored (uint8),
+    padded to ``num_eval_batches`` full batches. Keys: ``image``, ``label`` int32, ``mask`` float32 (0
+    on padding), ``index`` int32 (position in the split, -1 on padding)."""
     images, labels = source.arrays(split)
-    shard = np.arange(process_index, len(labels), process_count)
-    batches = num_eval_batches(len(labels), local_batch_size=local_batch_size, process_count=process_count)
-    for i in range(batches):
-        chosen = shard[i * local_batch_size : (i + 1) * local_batch_size]
-        pad = local_batch_size - len(chosen)
-        image = images[chosen]
-        if pad:
-            image = np.concatenate([image, np.zeros((pad, *images.shape[1:]), images.dtype)])
-        yield {
-            "image": image,
-            "label": np.pad(labels[chosen].astype(np.int32), (0, pad)),
-            "mask": np.pad(np.ones(len(chosen), np.float32), (0, pad)),
-            "index": np.pad(chosen.astype(np.int32), (0, pad), constant_values=-1),
-        }
+    for chosen, pad in eval_positions(
+        len(labels),
+        local_batch_size=local_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+        indices=indices,
+    ):
+        yield padded_batch(images[chosen], labels[chosen], chosen, pad)
+
+
+def padded_batch(
+    images: np.ndarray, labels: np.ndarray, chosen: np.ndarray, pad: int
+) -> dict[str, np.ndarray]:
+    """An evaluation batch of ``images`` and ``labels`` with ``pad`` zero rows (mask 0, index -1)."""
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+    return {
+        "image": images,
+        "label": np.pad(np.asarray(labels).astype(np.int32), (0, pad)),
+        "mask": np.pad(np.ones(len(chosen), np.float32), (0, pad)),
+        "index": np.pad(np.asarray(chosen).astype(np.int32), (0, pad), constant_values=-1),
+    }
 
 
 def numpy_batches(ds: Iterable) -> Iterator[dict[str, np.ndarray]]:

@@ -304,17 +304,19 @@ def preprocess_for_train(
     crop: bool = True,
     flip: bool = True,
     color_distort: bool = True,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> tf.Tensor:
     """One augmented view: crop, flip, colour distortion, blur (official ``preprocess_for_train``
     plus the per-view blur that official pretraining adds with ``use_blur``).
 
     Fine-tuning and distillation call it with ``color_distort=False, use_blur=False`` (crop + flip).
-    Without ``crop`` the image is only resized to ``(height, width)`` when its size differs.
+    Without ``crop`` the image is only resized to ``(height, width)`` when its size differs;
+    ``crop_min_area`` is the smallest fraction of the image a crop covers.
     """
     seeds = _split(seed, 4)
     image = tf.convert_to_tensor(image, tf.float32)
     if crop:
-        image = random_resized_crop(image, seeds[0], height, width)
+        image = random_resized_crop(image, seeds[0], height, width, area_range=(crop_min_area, 1.0))
     else:
         image = _resize_if_needed(image, height, width)
     if flip:

@@ -424,6 +424,7 @@ def preprocess_for_train(
     crop: bool = True,
     flip: bool = True,
     color_distort: bool = True,
+    crop_min_area: float = views.CROP_AREA_RANGE[0],
 ) -> jax.Array:
     """One augmented view per example (``augment.preprocess_for_train``): crop + resize, flip with
     p = 0.5, colour distortion, blur, final clip. Four sub-keys whatever the switches."""
@@ -431,7 +432,9 @@ def preprocess_for_train(
     num, in_h, in_w, _ = x.shape
     k_crop, k_flip, k_color, k_blur = jax.random.split(key, 4)
     if crop:
-        offsets, sizes = sample_crop_boxes(k_crop, num, (in_h, in_w), target_aspect=width / height)
+        offsets, sizes = sample_crop_boxes(
+            k_crop, num, (in_h, in_w), target_aspect=width / height, area_range=(crop_min_area, 1.0)
+        )
         x = crop_and_resize(x, offsets, sizes, height, width)
     else:
         x = resize(x, height, width)

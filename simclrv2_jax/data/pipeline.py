@@ -30,12 +30,13 @@ example exactly once per epoch. Evaluation and ``DataSource.labels`` read in can
 every example keeps its canonical ``index`` (label subsets filter on it) whatever the file order.
 """
 
+import re
 from collections.abc import Callable
 
 import numpy as np
 
 from simclrv2_jax.data import augment, sources
-from simclrv2_jax.data.array_pipeline import ORDER_STREAM, num_eval_batches
+from simclrv2_jax.data.array_pipeline import ORDER_STREAM, epoch_order, num_eval_batches
 from simclrv2_jax.data.tf_cpu import tf
 
 # Separate streams so that the order of examples and their augmentation are independent.
@@ -136,6 +137,66 @@ def _in_memory_examples(source, split, positions, start, seed, process_index, pr
     )
 
 
+def _file_examples(source, split, positions, start, seed, process_index, process_count):
+    """An image folder's training stream in the order of the input without TensorFlow
+    (``array_pipeline.train_indices``: NumPy epoch orders), so both give a step the same images; each
+    element is the image's index in the split (decoded by ``_file_decoder``)."""
+    n = source.num_examples(split)
+    local = (positions if positions is not None else np.arange(n, dtype=np.int64))[
+        process_index::process_count
+    ]
+    n_local = len(local)
+    if n_local == 0:
+        raise ValueError(
+            f"Process {process_index} of {process_count} gets no examples of {source.root}/{split}."
+        )
+    labels = source.labels(split)
+
+    def elements():
+        t = start
+        epoch, order = None, None
+        while True:
+            e, position = divmod(t, n_local)
+            if e != epoch:
+                epoch, order = e, local[epoch_order(seed, e, n_local, process_index)]
+            index = int(order[position])
+            yield index, int(labels[index]), e, position
+            t += 1
+
+    spec = tuple(tf.TensorSpec([], tf.int64) for _ in range(4))
+    ds = tf.data.Dataset.from_generator(elements, output_signature=spec)
+    return ds.map(lambda i, label, e, p: {"image": i, "label": label, "epoch": e, "position": p})
+
+
+def with_file_errors(ds):
+    """The batches of a tf.data input from image files; a file that did not decode (its error raised
+    in tf.data's threads) surfaces as the ``BadImageError`` naming it."""
+    from simclrv2_jax.data.folders import BadImageError
+
+    try:
+        yield from ds.as_numpy_iterator()
+    except tf.errors.OpError as e:
+        found = re.search(r"The image .*?where it stopped\.", e.message, re.S)
+        if found:
+            raise BadImageError(found.group(0)) from None
+        raise
+
+
+def _file_decoder(source, split):
+    """``decode(index) -> uint8 [H, W, 3]``: the image decoded in tf.data's threads with the source's
+    own decoder (Pillow, as without TensorFlow); a bad file's error names it (``FolderSource.decode``)."""
+    paths = source.image_paths(split)
+
+    def decode_numpy(index):
+        return source.decode(paths, int(index))
+
+    def decode(index):
+        image = tf.numpy_function(decode_numpy, [index], tf.uint8, stateful=False)
+        return tf.ensure_shape(image, [None, None, 3])
+
+    return decode
+
+
 def _streaming_examples(
     source,
     split,
@@ -232,7 +293,11 @@ def train_dataset(
         )
     positions = _positions(source, split, indices)
     start = start_step * local_batch_size
-    if source.in_memory:
+    decode = source.decode_image
+    if getattr(source, "files", False):
+        examples = _file_examples(source, split, positions, start, seed, process_index, process_count)
+        decode = _file_decoder(source, split)
+    elif source.in_memory:
         examples = _in_memory_examples(source, split, positions, start, seed, process_index, process_count)
     else:
         examples = _streaming_examples(
@@ -250,7 +315,7 @@ def train_dataset(
     channels = source.image_shape[-1]
 
     def make_views(ex):
-        image = tf.cast(source.decode_image(ex["image"]), tf.float32) / 255.0
+        image = tf.cast(decode(ex["image"]), tf.float32) / 255.0
         view_seeds = tf.random.experimental.stateless_split(
             augmentation_seed(seed, ex["epoch"], ex["position"], process_index), num=num_views
         )
@@ -266,7 +331,8 @@ def train_dataset(
 
     ds = examples.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return with_file_errors(ds) if getattr(source, "files", False) else ds
 
 
 def eval_dataset(
@@ -278,15 +344,28 @@ def eval_dataset(
     process_index: int = 0,
     process_count: int = 1,
     crop: bool = True,
+    indices: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """One pass over this process's shard with eval preprocessing, padded to
     ``num_eval_batches`` full batches. Keys: ``image``, ``label`` int32, ``mask`` float32 (0 on
     padding, so metrics summed with the mask are exact over the whole split) and ``index`` int32
-    (the example's position in the split, -1 on padding)."""
+    (the example's position in the split, -1 on padding). ``indices``: only those positions."""
     _check_process(process_index, process_count)
-    batches = num_eval_batches(
-        source.num_examples(split), local_batch_size=local_batch_size, process_count=process_count
-    )
+    n = source.num_examples(split)
+    keep = None
+    if indices is None:
+        batches = num_eval_batches(n, local_batch_size=local_batch_size, process_count=process_count)
+    else:
+        indices = np.asarray(indices, np.int64)
+        keep = np.zeros(n, bool)
+        keep[indices] = True
+        if getattr(source, "files", False):
+            largest = max(len(indices[p::process_count]) for p in range(process_count))
+        else:  # contiguous shards: count the kept examples in each
+            largest = max(
+                int(keep[source.shard_bounds(split, p, process_count)].sum()) for p in range(process_count)
+            )
+        batches = -(-largest // local_batch_size)
     channels = source.image_shape[-1]
 
     def prepare(ex):
@@ -307,8 +386,21 @@ def eval_dataset(
             "index": tf.constant(-1, tf.int32),
         }
     ).repeat()
-    ds = source.load(split, shard_index=process_index, num_shards=process_count)
+    if getattr(source, "files", False):
+        # Strided shards of the files in index order, decoded as the training input decodes them.
+        universe = np.arange(n, dtype=np.int64) if indices is None else indices
+        mine = universe[process_index::process_count]
+        labels = source.labels(split)[mine]
+        ds = tf.data.Dataset.from_tensor_slices({"image": mine, "label": labels, "index": mine})
+        decode = _file_decoder(source, split)
+        ds = ds.map(lambda ex: {**ex, "image": decode(ex["image"])}, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = source.load(split, shard_index=process_index, num_shards=process_count)
+        if keep is not None:
+            kept = tf.constant(keep)
+            ds = ds.filter(lambda ex: tf.gather(kept, tf.cast(ex["index"], tf.int64)))
     ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.concatenate(padding).take(batches * local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return with_file_errors(ds) if getattr(source, "files", False) else ds

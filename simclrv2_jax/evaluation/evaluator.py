@@ -38,8 +38,10 @@ from simclrv2_jax.checkpoints import CheckpointError, SavedRun, all_finite
 from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.config import fields
 from simclrv2_jax.config.validation import validate
+from simclrv2_jax.data import folders
 from simclrv2_jax.train import components, inputs, parallel, reporting
 from simclrv2_jax.train.evaluation import eval_totals, mean_metrics
+from simclrv2_jax.train.knn import KnnMonitor
 from simclrv2_jax.train.step import make_eval_step
 
 # Fields of the saved config that an evaluation may set: where the data comes from and how it is
@@ -52,10 +54,14 @@ EVAL_FIELDS = {
     "image_size": int,
     "compute_dtype": str,
     "augment_on_device": bool,
+    "train_split": str,  # the k-NN bank's split
+    "knn_k": int,
+    "knn_temperature": float,
+    "knn_bank_size": int,
 }
 RESULTS_NAME = "eval_results.json"
 # Which entries of eval_results.json describe the same evaluation (a re-evaluation replaces it).
-_SAME_EVALUATION = ("step", "dataset", "eval_split", "image_size", "data_dir")
+_SAME_EVALUATION = ("step", "dataset", "eval_split", "image_size", "data_dir", "knn_k", "knn_temperature")
 # Fields in which checkpoints of one run may differ without changing the evaluation.
 _NOT_EVALUATED = set(fields.RESUME_FREE_FIELDS + fields.RESUME_OPTIMISATION_FIELDS) - set(EVAL_FIELDS)
 
@@ -85,6 +91,7 @@ def evaluation_config(saved: dict[str, Any], overrides: dict[str, Any]) -> ml_co
             if dataset in (name, preset["dataset"]):
                 dataset = preset["dataset"]
                 config.eval_split = preset["eval_split"]
+                config.train_split = preset["train_split"]
     for key, value in overrides.items():
         if value is not None:
             config[key] = dataset if key == "dataset" else value
@@ -110,22 +117,38 @@ def require_supervised_head(config: ml_collections.ConfigDict) -> None:
 
 
 class Evaluator:
-    """The model of one checkpoint config, its jitted eval step and the evaluation data."""
+    """The model of one checkpoint config, its jitted eval step and the evaluation data; with ``knn``
+    the k-NN monitor of its ``h`` too (then a network without a supervised head, or whose head has
+    other classes than the data, is measured by the k-NN alone)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh, head_mode: str) -> None:
-        require_supervised_head(config)
+    def __init__(self, config: ml_collections.ConfigDict, mesh, head_mode: str, knn: bool = False) -> None:
+        if not knn:
+            require_supervised_head(config)
         self.config = config
         parallel.local_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
         source = inputs.load_source(config)
+        inputs.require_labels(source, config.eval_split, "Evaluation")
         classes = config.num_classes or source.num_classes
-        if classes != source.num_classes:
-            raise ValueError(
-                f"The checkpoint's supervised head has {classes} classes but data set {config.dataset!r} "
-                f"has {source.num_classes}: evaluate on a data set with the checkpoint's classes "
-                "(--config.dataset=..., --config.data_dir=...)."
-            )
+        self.supervised = True
+        if classes != source.num_classes or (
+            config.stage == "pretrain" and not config.lineareval_while_pretraining
+        ):
+            if not knn:
+                raise ValueError(
+                    f"The checkpoint's supervised head has {classes} classes but data set "
+                    f"{config.dataset!r} has {source.num_classes}: evaluate on a data set with the "
+                    "checkpoint's classes (--config.dataset=..., --config.data_dir=...), or measure its "
+                    "representation with --knn."
+                )
+            self.supervised = False
         data = inputs.StageInput(config, source, mesh)
         self.model = components.build_model(config, head_mode=head_mode, num_classes=classes, mesh=mesh)
+        self.knn = None
+        if knn:
+            inputs.require_labels(source, config.train_split, "The k-NN's bank")
+            knn_config = config.copy_and_resolve_references()
+            knn_config.num_classes = source.num_classes
+            self.knn = KnnMonitor(knn_config, self.model, source, mesh)
         self.eval_data = data.eval_data()
         self.replicated = parallel.replicated(mesh)
         self.data_sharding = parallel.data_sharding(mesh)
@@ -139,9 +162,10 @@ class Evaluator:
         )
 
     def __call__(self, run: SavedRun, step: int) -> dict[str, Any]:
-        """Top-1, top-5 and loss of checkpoint ``step`` of ``run`` over the split."""
+        """Top-1, top-5 and loss of checkpoint ``step`` of ``run`` over the split (and ``knn_top1``)."""
         where = run.step_path(step)
-        if "head_supervised" not in run.modules(step):
+        supervised = self.supervised and "head_supervised" in run.modules(step)
+        if not supervised and self.knn is None:
             raise CheckpointError(
                 f"The checkpoint at {where} has no supervised head to evaluate (a network saved "
                 "without one, such as a release checkpoint pretrained without linear evaluation). Fine-tune "
@@ -153,13 +177,20 @@ class Evaluator:
             raise CheckpointError(
                 f"The checkpoint at {where} holds NaN or infinite weights; there is nothing to evaluate."
             )
+        metrics: dict[str, Any] = {}
+        if self.knn is not None:
+            metrics.update(self.knn(variables["params"], variables["batch_stats"]))
+            knn = self.knn.settings
+            metrics.update(knn_k=knn.k, knn_temperature=knn.temperature, knn_bank_size=self.knn.bank_size)
+        if not supervised:
+            return {**metrics, "num_examples": self.knn.num_queries}
         totals = eval_totals(self.eval_data(), Variables(**variables), self.eval_fn, self.data_sharding)
         if not totals.get("count"):
             raise ValueError(
                 f"The split {self.config.eval_split!r} of {self.config.dataset!r} gave no examples to "
                 "evaluate."
             )
-        return {**mean_metrics(totals), "num_examples": int(totals["count"])}
+        return {**mean_metrics(totals), **metrics, "num_examples": int(totals["count"])}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -271,12 +302,18 @@ def _warn_of_rotated(run: SavedRun, previous: int | None, step: int) -> None:
         )
 
 
+def describe(metrics: dict[str, Any]) -> str:
+    """``top-1 0.8123  top-5 ...  knn 0.7800`` for the metrics an evaluation has."""
+    names = (("top1", "top-1"), ("top5", "top-5"), ("loss", "loss"), ("knn_top1", "k-NN top-1"))
+    return "  ".join(f"{shown} {metrics[key]:.4f}" for key, shown in names if key in metrics)
+
+
 class _Session:
     """What one ``evaluate_run`` keeps across checkpoints: the evaluator of the current config, the
     TensorBoard writers per split and the results file."""
 
-    def __init__(self, run: SavedRun, overrides: dict[str, Any], out: epath.Path, mesh) -> None:
-        self.run, self.overrides, self.mesh = run, overrides, mesh
+    def __init__(self, run: SavedRun, overrides: dict[str, Any], out: epath.Path, mesh, knn: bool) -> None:
+        self.run, self.overrides, self.mesh, self.knn = run, overrides, mesh, knn
         self.out = out
         self.results = Results(out)
         self.evaluator_key: str | None = None
@@ -291,7 +328,7 @@ class _Session:
         key = json.dumps(relevant, sort_keys=True, default=str)
         if key != self.evaluator_key:
             self.evaluator = None  # one model at a time
-            self.evaluator = Evaluator(config, self.mesh, self.run.head_mode(step))
+            self.evaluator = Evaluator(config, self.mesh, self.run.head_mode(step), knn=self.knn)
             self.evaluator_key = key
         return self.evaluator
 
@@ -305,6 +342,8 @@ class _Session:
             "eval_split": config.eval_split,
             "image_size": config.image_size,
         }
+        if self.knn:
+            entry.update(knn_k=config.knn_k, knn_temperature=config.knn_temperature)
         if skip_done and self.results.has(entry):
             logging.info("Step %d is already in %s; not evaluated again.", step, self.results.path)
             return
@@ -316,20 +355,18 @@ class _Session:
         self.added.append(entry)
         self._write_scalars(config.eval_split, step, metrics)
         logging.info(
-            "Evaluated step %d on %s/%s (%d examples): top-1 %.4f, top-5 %.4f, loss %.4f",
+            "Evaluated step %d on %s/%s (%d examples): %s",
             step,
             config.dataset,
             config.eval_split,
             metrics["num_examples"],
-            metrics["top1"],
-            metrics["top5"],
-            metrics["loss"],
+            describe(metrics),
         )
 
     def _write_scalars(self, split: str, step: int, metrics: dict[str, Any]) -> None:
         if split not in self.writers:
             self.writers[split] = reporting.make_writer(os.fspath(self.out / f"eval_{split}"))
-        scalars = {f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss")}
+        scalars = {f"eval/{k}": metrics[k] for k in ("top1", "top5", "loss", "knn_top1") if k in metrics}
         self.writers[split].write_scalars(step, scalars)
         self.writers[split].flush()
 
@@ -348,6 +385,7 @@ def evaluate_run(
     timeout_s: float = 600.0,
     poll_s: float = 10.0,
     mesh=None,
+    knn: bool = False,
 ) -> list[dict[str, Any]]:
     """Evaluates the checkpoints of ``workdir`` (see the module docstring); returns the new entries."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -357,7 +395,13 @@ def evaluate_run(
     if not every_checkpoint and step is not None:
         step = run.resolve(step)
     out = workdir_lib.prepare(output_dir, "--output_dir") if output_dir else run.root
-    session = _Session(run, overrides, out, mesh or parallel.create_mesh())
+    session = _Session(run, overrides, out, mesh or parallel.create_mesh(), knn)
+    # An image folder's split indexes are kept beside the results.
+    with folders.index_home(out):
+        return _evaluate_steps(run, session, step, every_checkpoint, timeout_s, poll_s)
+
+
+def _evaluate_steps(run, session, step, every_checkpoint, timeout_s, poll_s) -> list[dict[str, Any]]:
     try:
         if not every_checkpoint:
             run.first_that_loads(lambda at: session.evaluate(at, skip_done=False), step)

@@ -65,6 +65,22 @@ def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path:
     )
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom")
+    knn = summary.get("knn_top1")
+    if knn:
+        styles = (
+            ("pretrained", "k-NN of h, pretrained", "-"),
+            ("random_init", "k-NN of h, random init", ":"),
+        )
+        for key, label, style in (*styles, ("pixels", "k-NN of raw pixels", "--")):
+            ax.axhline(
+                100 * knn[key],
+                color="black",
+                linestyle=style,
+                linewidth=1,
+                label=f"{label}: {100 * knn[key]:.1f}",
+            )
+        ax.legend(loc="lower right", fontsize=7)
+        values = values + [100 * v for v in knn.values()]
     ax.set_ylim(min(values + [100]) - 15 if values else 0, 100)
     ax.set_title(f"test top-1 (%), {summary.get('labels', '')}")
     fig.tight_layout()

@@ -25,12 +25,14 @@ def train_stage(config: ml_collections.ConfigDict, workdir: str, mesh=None, **lo
 
     from simclrv2_jax.checkpoints import workdir as workdir_lib
     from simclrv2_jax.config.validation import validate
+    from simclrv2_jax.data import folders
     from simclrv2_jax.train import loop, parallel
 
     validate(config)
     path = workdir_lib.prepare(workdir)
     lock = workdir_lib.WorkdirLock(path) if jax.process_index() == 0 else contextlib.nullcontext()
-    with lock, loop.StopSignals() as stop:
+    # An image folder's split indexes are kept in the workdir (data/folders.py).
+    with lock, loop.StopSignals() as stop, folders.index_home(path):
         mesh = mesh or parallel.create_mesh()
         module = importlib.import_module(STAGE_MODULES[config.stage])
         task = module.build(config, mesh)

@@ -66,7 +66,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
-    num_unlabeled = source.num_examples(config.train_split)
+    unlabeled_split = inputs.unlabeled_split(config, source)  # an image folder's unlabeled splits too
+    num_unlabeled = source.num_examples(unlabeled_split)
+    inputs.require_labels(source, config.eval_split, "Evaluating the student")
     t_config = teacher_config(config)
     if config.init_student_from_teacher:
         _check_student_matches_teacher(config, t_config)
@@ -121,13 +123,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
             "teacher_top1": losses.classification_eval_sums(t_logits, batch["label"], batch["mask"])["top1"]
         }
 
-    unlabeled = data.train_data(num_views=1, contrastive=False)
+    unlabeled = data.train_data(num_views=1, contrastive=False, split=unlabeled_split)
     labeled = None
     info = {
         "num_unlabeled_examples": num_unlabeled,
         "num_classes": classes,
         "dataset": config.dataset,
-        "teacher_checkpoint": config.teacher_checkpoint,
+        "class_names": list(source.class_names or ()),
         "teacher_model": {k: t_config[k] for k in ARCH_FIELDS},
     }
     if alpha > 0:
@@ -173,6 +175,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         eval_extra_sums=teacher_top1,
         initialize=initialize,
         extra=(teacher_vars,),
+        data_info=getattr(source, "info", None),
         inputs={"teacher": (config.teacher_checkpoint, "teacher_checkpoint")},
         extra_shardings=(jax.tree_util.tree_map(lambda _: rep, teacher_vars),),
         info=info,

@@ -48,6 +48,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
     train_source, split, indices, num_labeled = inputs.labeled_data(config, source)
+    inputs.require_labels(source, config.eval_split, "Evaluating the fine-tuned model")
     model = components.build_model(config, head_mode="finetune", num_classes=classes, mesh=mesh)
     trainable = None
     train_proj_head = config.get("train_proj_head_in_finetune", True)
@@ -82,11 +83,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         eval_data=data.eval_data(),
         eval_preprocess=data.eval_preprocess(),
         initialize=initialize,
+        data_info=getattr(source, "info", None),
         inputs={"checkpoint": (config.checkpoint, "checkpoint")} if config.checkpoint else {},
         info={
             "num_labeled_examples": num_labeled,
             "num_classes": classes,
             "dataset": config.dataset,
             "init_checkpoint": config.checkpoint,
+            "class_names": list(source.class_names or ()),
         },
     )

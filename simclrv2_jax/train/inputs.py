@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from simclrv2_jax.data import array_pipeline, device_augment, sources, subsets
-from simclrv2_jax.data.views import CROP_PROPORTION
+from simclrv2_jax.data import array_pipeline, device_augment, folder_pipeline, folders, sources, subsets
+from simclrv2_jax.data.views import CROP_AREA_RANGE, CROP_PROPORTION, SMALL_IMAGE_SIZE
 from simclrv2_jax.train import parallel
 
 # Streamed images are resized to image_size / CROP_PROPORTION on the host before the device crops them,
@@ -41,7 +41,51 @@ _HOST_RESIZE_FACTOR = 1 / CROP_PROPORTION
 
 
 def load_source(config: ml_collections.ConfigDict) -> sources.DataSource:
+    """The config's data set: an image folder (``dataset="image_folder"``), Fashion-MNIST or tfds."""
+    if config.dataset == folders.IMAGE_FOLDER:
+        return folders.FolderSource(
+            config.data_dir,
+            labeled_splits=[config.train_split, config.eval_split],
+            unlabeled_splits=config.get("unlabeled_splits", "unlabeled"),
+            skip_bad_images=config.get("skip_bad_images", False),
+        )
     return sources.get_source(config.dataset, config.data_dir or None)
+
+
+def is_folder(source: sources.DataSource) -> bool:
+    return getattr(source, "files", False)
+
+
+def unlabeled_split(config: ml_collections.ConfigDict, source: sources.DataSource) -> str:
+    """The split pretraining and distillation read: for an image folder the training split and the
+    unlabeled splits together, elsewhere the training split."""
+    return source.training_split(config.train_split) if is_folder(source) else config.train_split
+
+
+def require_labels(source: sources.DataSource, split: str, why: str) -> None:
+    """One error when ``why`` (fine-tuning, evaluation...) would read labels from an unlabeled split."""
+    if is_folder(source):
+        source.require_labels(split, why)
+
+
+def has_labels(source: sources.DataSource, split: str) -> bool:
+    """Whether ``split`` is labeled (always, except an image folder's missing or unlabeled splits)."""
+    if not is_folder(source):
+        return True
+    try:
+        source.require_labels(split, "")
+    except ValueError:
+        return False
+    return True
+
+
+def host_size(config: ml_collections.ConfigDict) -> int:
+    """The square side images are stored at for augmentation on the device (streamed data, folders):
+    ``image_size / CROP_PROPORTION`` above 32 px, where the evaluation view is a centre crop, else
+    ``image_size``."""
+    if config.image_size <= SMALL_IMAGE_SIZE:
+        return config.image_size
+    return round(config.image_size * _HOST_RESIZE_FACTOR)
 
 
 def tensorflow_available() -> bool:
@@ -59,7 +103,7 @@ def augments_on_device(config: ml_collections.ConfigDict, source: sources.DataSo
             "config.augment_on_device=False augments with TensorFlow, which is not installed here. "
             "Set --config.augment_on_device=True (or leave it unset) or install tensorflow-cpu."
         )
-    if not source.in_memory and not has_tf:
+    if not source.in_memory and not is_folder(source) and not has_tf:
         raise ValueError(f"Data set {source.name!r} is streamed from tfds files, which needs TensorFlow.")
     return bool(choice)
 
@@ -71,6 +115,10 @@ def labeled_data(config: ml_collections.ConfigDict, source: sources.DataSource):
     data set takes a class-balanced subset by ``label_seed``: ``examples_per_class`` if set, else
     ``label_fraction`` (1.0 = every label).
     """
+    require_labels(source, config.train_split, "Training on labels")
+    if config.get("label_list"):
+        indices = listed_indices(config.label_list, source, config.train_split)
+        return source, config.train_split, indices, len(indices)
     per_class = config.get("examples_per_class", 0)
     fraction = config.get("label_fraction", 1.0)
     official = None if per_class else subsets.labeled_split(config.dataset, fraction)
@@ -90,13 +138,37 @@ def labeled_data(config: ml_collections.ConfigDict, source: sources.DataSource):
     return source, config.train_split, indices, len(indices)
 
 
+def listed_indices(path: str, source: sources.DataSource, split: str):
+    """The indices of the images a label list names (one path per line, relative to the split's
+    folder; blank lines and ``#`` comments skipped); one error naming the file and what is missing."""
+    import numpy as np
+
+    if not is_folder(source):
+        raise ValueError("config.label_list names images by path: it works with dataset='image_folder'.")
+    try:
+        with open(path) as f:
+            wanted = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    except OSError as e:
+        raise FileNotFoundError(f"config.label_list={path!r} does not read ({e.strerror or e}).") from None
+    position = {p: i for i, p in enumerate(source.relative_paths(split))}
+    missing = [p for p in wanted if p not in position]
+    if missing:
+        raise ValueError(
+            f"config.label_list={path!r} names {len(missing)} image(s) that split {split!r} does not hold, "
+            f"e.g. {', '.join(missing[:3])}: paths are relative to the split's folder, one per line."
+        )
+    if not wanted:
+        raise ValueError(f"config.label_list={path!r} names no images.")
+    return np.unique(np.asarray([position[p] for p in wanted], np.int64))
+
+
 def _host_preprocess(config: ml_collections.ConfigDict, *, contrastive: bool, on_device: bool):
     """The tf.data per-view function: crop, flip and colour (blur runs in the step in any case), or,
     with the augmentations on the device, only a resize to a fixed size."""
     from simclrv2_jax.data import augment
 
     if on_device:
-        size = round(config.image_size * _HOST_RESIZE_FACTOR)
+        size = host_size(config)
         return lambda image, seed: augment.resize(image, size, size)
     return functools.partial(
         augment.preprocess_for_train,
@@ -105,6 +177,7 @@ def _host_preprocess(config: ml_collections.ConfigDict, *, contrastive: bool, on
         color_jitter_strength=config.get("color_jitter_strength", 0.0),
         use_blur=False,
         color_distort=contrastive,
+        crop_min_area=config.get("crop_min_area", CROP_AREA_RANGE[0]),
     )
 
 
@@ -150,13 +223,14 @@ class StageInput:
 
         def one_shard(index: int, start_step: int) -> Iterable:
             shard = dict(process_index=index, process_count=shards, indices=indices)
+            common = dict(local_batch_size=per_shard, seed=seed, start_step=start_step, **shard)
             if on_device and source.in_memory:
-                return array_pipeline.train_batches(
-                    source, split, local_batch_size=per_shard, seed=seed, start_step=start_step, **shard
-                )
+                return array_pipeline.train_batches(source, split, **common)
+            if on_device and is_folder(source):
+                return folder_pipeline.train_batches(source, split, size=host_size(config), **common)
             from simclrv2_jax.data import pipeline
 
-            size = round(config.image_size * _HOST_RESIZE_FACTOR) if on_device else config.image_size
+            size = host_size(config) if on_device else config.image_size
             return pipeline.train_dataset(
                 source,
                 split,
@@ -175,18 +249,24 @@ class StageInput:
 
         return make
 
-    def eval_data(self) -> Callable[[], Iterable]:
+    def eval_data(self, split: str | None = None, indices=None) -> Callable[[], Iterable]:
+        """``make()``: one evaluation-style pass (centre view, padded full batches) over this
+        process's share of ``split`` (default ``eval_split``), or of its positions ``indices``."""
         config, source = self.config, self.source
+        split = split or config.eval_split
         local = parallel.local_batch_size(config.eval_batch_size, self.mesh, field="eval_batch_size")
-        shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+        shard = dict(process_index=jax.process_index(), process_count=jax.process_count(), indices=indices)
 
         def make() -> Iterable:
             if self.on_device and source.in_memory:
-                return array_pipeline.eval_batches(source, config.eval_split, local_batch_size=local, **shard)
+                return array_pipeline.eval_batches(source, split, local_batch_size=local, **shard)
+            if self.on_device and is_folder(source):
+                size = host_size(config)
+                return folder_pipeline.eval_batches(source, split, local_batch_size=local, size=size, **shard)
             from simclrv2_jax.data import pipeline
 
             return pipeline.eval_dataset(
-                source, config.eval_split, local_batch_size=local, image_size=config.image_size, **shard
+                source, split, local_batch_size=local, image_size=config.image_size, **shard
             )
 
         return make
@@ -213,6 +293,7 @@ class StageInput:
                 color_jitter_strength=config.get("color_jitter_strength", 0.0),
                 use_blur=use_blur,
                 color_distort=contrastive,
+                crop_min_area=config.get("crop_min_area", CROP_AREA_RANGE[0]),
             )
         else:
 
@@ -235,7 +316,7 @@ class StageInput:
 
     def eval_preprocess(self) -> Callable[[jax.Array], jax.Array] | None:
         """The evaluation view made on the device (stored in-memory images), else None (the host)."""
-        if not (self.on_device and self.source.in_memory):
+        if not (self.on_device and (self.source.in_memory or is_folder(self.source))):
             return None
         size = self.config.image_size
         return functools.partial(device_augment.preprocess_for_eval, height=size, width=size)

@@ -38,6 +38,7 @@ from simclrv2_jax.checkpoints import workdir as workdir_lib
 from simclrv2_jax.config import flag
 from simclrv2_jax.config.validation import resume_change_names
 from simclrv2_jax.data.array_pipeline import global_iterator
+from simclrv2_jax.data.folders import BadImageError
 from simclrv2_jax.train import parallel
 from simclrv2_jax.train.evaluation import EvalInterrupted, eval_totals, mean_metrics
 from simclrv2_jax.train.guard import Guard
@@ -139,7 +140,12 @@ def restore_or_init(task: Task, checkpointer: Checkpointer, layout, workdir: str
     state = compile_init(init, state_sharding)()
     if task.initialize is not None:
         state = jax.device_put(task.initialize(state, task.tx), state_sharding)
-    return state, state_sharding, changes, lineage.create(workdir, now)
+    return (
+        state,
+        state_sharding,
+        changes,
+        lineage.create(workdir, now, class_names=task.info.get("class_names")),
+    )
 
 
 def _inputs_as_now(saved: dict | None, task: Task, record: dict | None, now: dict) -> dict | None:
@@ -158,7 +164,7 @@ def _resumed_record(task: Task, workdir: str, record: dict | None, now: dict) ->
     """The run record of a resumed run, after refusing an input that changed since the run started
     (another teacher, or the teacher trained on) unless its field is named in ``resume_changes``."""
     if record is None:  # a run of an earlier version: what it reads now is what it started from
-        return lineage.create(workdir, now)
+        return lineage.create(workdir, now, class_names=task.info.get("class_names"))
     named = resume_change_names(task.config)
     updated = False
     for role, (path, field) in task.inputs.items():
@@ -190,6 +196,7 @@ class _Training:
         self.step = start_step
         self.last_metrics: dict[str, jax.Array] | None = None
         self.pending_changes: dict[str, tuple[Any, Any]] = {}  # resume changes not yet recorded
+        self.knn = None  # the task's k-NN monitor, when it has one
 
     def save(self, force: bool = False) -> None:
         # Halted states carry the budget one past its end; saved, they carry the budget used.
@@ -254,9 +261,14 @@ class _Training:
         self.last_metrics = step_metrics
         return step_metrics
 
-    def evaluate(self, eval_fn: Callable, sharding, final: bool) -> dict[str, float]:
+    def evaluate(self, eval_fn: Callable | None, sharding, final: bool) -> dict[str, float]:
+        """The eval step's metrics and the k-NN monitor's (``knn_top1``), whichever the task has."""
         try:
-            return evaluate(self.task, self.state, eval_fn, sharding, self.stop)
+            metrics = evaluate(self.task, self.state, eval_fn, sharding, self.stop) if eval_fn else {}
+            if self.knn is not None:
+                should_stop = lambda: bool(self.stop.requested)  # noqa: E731
+                metrics.update(self.knn(self.state.params, self.state.batch_stats, should_stop))
+            return metrics
         except EvalInterrupted:
             during = f"during the {'final ' if final else ''}evaluation at step {self.step}"
             raise self.interrupted(during) from None
@@ -344,6 +356,8 @@ def run(
     training = _Training(task, checkpointer, stop, start_step)
     training.state = state
     training.pending_changes = changes
+    if task.knn is not None:
+        training.knn = task.knn(gather=layout.gather)
     cadence = Cadence.of(config, total)
     summaries = {"train": {}, "eval": {}}
     t_start = time.time()
@@ -355,7 +369,7 @@ def run(
         training.save(force=True)
         if stop.requested:
             raise training.interrupted(f"after the last step ({training.step})")
-        if eval_fn is not None:
+        if eval_fn is not None or training.knn is not None:
             summaries["eval"] = training.evaluate(eval_fn, data, final=True)
             outputs.record(training.step, {f"eval/{k}": v for k, v in summaries["eval"].items()})
             logging.info("%s final eval at step %d: %s", task.name, training.step, summaries["eval"])
@@ -384,7 +398,9 @@ def run(
         "steps_per_sec": steps_run / elapsed if elapsed > 0 else 0.0,
         "devices": int(mesh.devices.size),
         "augment_on_device": task.augment_on_device,
+        **({"knn_time_s": training.knn.last_time_s} if training.knn is not None else {}),
         **task.info,
+        **(task.data_info() if task.data_info else {}),
         **_input_fields(record),
     }
     outputs.write_json("results.json", results)
@@ -421,7 +437,16 @@ def _train_loop(
         if stop.requested:
             training.settle()
             raise training.interrupted(f"at step {training.step}")
-        batch = next(train_iter)
+        try:
+            batch = next(train_iter)
+        except BadImageError:
+            # The data stops the run: keep what it trained (a rerun resumes once the file is fixed
+            # or skipped), then the one-line error.
+            training.settle()
+            if training.step > 0:
+                training.save(force=True)
+            training.checkpointer.wait_until_finished()
+            raise
         try:
             step_metrics = training.train_step(train_fn, batch)
             step = training.step
@@ -445,7 +470,7 @@ def _train_loop(
             if cadence.save(step):
                 training.settle()
                 training.save()
-            if eval_fn is not None and cadence.evaluate(step):
+            if (eval_fn is not None or training.knn is not None) and cadence.evaluate(step):
                 training.settle()
                 summaries["eval"] = training.evaluate(eval_fn, data_sharding, final=False)
                 outputs.record(step, {f"eval/{k}": v for k, v in summaries["eval"].items()})

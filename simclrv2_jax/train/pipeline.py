@@ -120,6 +120,27 @@ def run_stage(stage: str, config: ConfigDict, workdir: str) -> tuple[dict[str, A
     return results, True
 
 
+def knn_references(config: ConfigDict, workdir: str) -> dict[str, float]:
+    """``knn.reference_lines`` of the pretraining config, kept in ``knn_reference.json`` for the same
+    data and k-NN settings (a rerun does not measure them again)."""
+    from simclrv2_jax.train import knn
+
+    key = {f: config[f] for f in ("dataset", "data_dir", "train_split", "eval_split", "image_size", "seed")}
+    key.update({f: config[f] for f in ("knn_k", "knn_temperature", "knn_bank_size", "resnet_depth")})
+    key.update(width_multiplier=config.width_multiplier, block_counts=list(config.block_counts))
+    path = os.path.join(workdir, "knn_reference.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept.get("settings") == key:
+            return kept["knn_top1"]
+    t0 = time.time()
+    lines = knn.reference_lines(config)
+    with open(path, "w") as f:
+        json.dump({"settings": key, "knn_top1": lines, "wall_time_s": time.time() - t0}, f, indent=2)
+    return lines
+
+
 def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]) -> dict[str, Any]:
     """Runs ``stages`` in order (see the module docstring); returns what summary.json holds.
 
@@ -142,6 +163,9 @@ def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]
         else f"{100 * ft.label_fraction:g}% of labels"
     )
     summary["test_top1"] = {s: r.get("eval", {}).get("top1") for s, r in summary["stages"].items()}
+    knn_top1 = summary["stages"].get("pretrain", {}).get("eval", {}).get("knn_top1")
+    if knn_top1 is not None:
+        summary["knn_top1"] = {"pretrained": knn_top1, **knn_references(configs["pretrain"], workdir)}
     summary["total_wall_time_s"] = sum(
         r.get("stage_wall_time_s", r.get("wall_time_s", 0.0)) for r in summary["stages"].values()
     )

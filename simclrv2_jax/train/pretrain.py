@@ -12,12 +12,17 @@ release; its loss is added but cannot reach the encoder.
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh
 
 from simclrv2_jax.data.sources import DataSource
 from simclrv2_jax.train import components, inputs, losses, parallel
+from simclrv2_jax.train.knn import KnnMonitor
 from simclrv2_jax.train.memory import MomentumMemory
 from simclrv2_jax.train.parallel import DATA_AXIS
 from simclrv2_jax.train.task import Task
@@ -27,9 +32,19 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
     source = source or inputs.load_source(config)
     data = inputs.StageInput(config, source, mesh)
     classes = components.num_classes(config, source)
-    num_examples = source.num_examples(config.train_split)
+    split = inputs.unlabeled_split(config, source)  # an image folder's unlabeled splits join in
+    num_examples = source.num_examples(split)
     model = components.build_model(config, head_mode="pretrain", num_classes=classes, mesh=mesh)
     lineareval = config.lineareval_while_pretraining
+    folder = inputs.is_folder(source)
+    if lineareval and inputs.is_folder(source):
+        if not source.num_classes:
+            raise ValueError(
+                f"The image folder {source.root} has no labeled split ({config.train_split!r} or "
+                f"{config.eval_split!r} with class folders), which the linear head trained while "
+                "pretraining needs: set --config.lineareval_while_pretraining=False, or add labeled splits."
+            )
+        inputs.require_labels(source, config.eval_split, "The linear evaluation while pretraining")
 
     # Per-device BN: each device's rows hold both views of its images (one BN group), as in the
     # release; the loss gets the views back one after the other.
@@ -67,11 +82,25 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         metrics = {"contrast_loss": contrast_loss, **aux}
         loss = contrast_loss
         if lineareval:
-            sup_loss = losses.supervised_cross_entropy(outputs["logits_sup"], batch["label"])
+            # Images without labels (an image folder's unlabeled splits: label -1) take no part.
+            labeled = (batch["label"] >= 0).astype(jnp.float32) if folder else None
+            sup_loss = losses.supervised_cross_entropy(outputs["logits_sup"], batch["label"], labeled)
             metrics["sup_loss"] = sup_loss
-            metrics["sup_acc"] = losses.accuracy(outputs["logits_sup"], batch["label"])
+            metrics["sup_acc"] = losses.accuracy(outputs["logits_sup"], batch["label"], labeled)
             loss = loss + sup_loss
         return loss, metrics
+
+    knn = None
+    if config.get("knn_monitor", False):
+        if inputs.has_labels(source, config.train_split) and inputs.has_labels(source, config.eval_split):
+            knn = functools.partial(KnnMonitor, config, model, source, mesh)
+        else:
+            logging.info(
+                "No k-NN monitor: it needs labels in %r and %r, and the image folder has them in "
+                "neither or only one.",
+                config.train_split,
+                config.eval_split,
+            )
 
     return Task(
         name="pretrain",
@@ -84,8 +113,15 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         augment=data.train_augment(num_views=2, contrastive=True),
         augment_on_device=data.on_device,
         memory=memory,
-        train_data=data.train_data(num_views=2, contrastive=True),
+        train_data=data.train_data(num_views=2, contrastive=True, split=split),
+        data_info=getattr(source, "info", None),
         eval_data=data.eval_data() if lineareval else None,
         eval_preprocess=data.eval_preprocess(),
-        info={"num_train_examples": num_examples, "num_classes": classes, "dataset": config.dataset},
+        knn=knn,
+        info={
+            "num_train_examples": num_examples,
+            "num_classes": classes,
+            "dataset": config.dataset,
+            "class_names": list(source.class_names or ()),
+        },
     )

@@ -59,6 +59,11 @@ class Task:
     # initialised from; "teacher": distillation's teacher) -> (path, its config field): recorded in
     # run.json when the run starts and compared with what they are now when it resumes.
     inputs: dict = dataclasses.field(default_factory=dict)
+    # ``knn(gather=...) -> KnnMonitor``: the k-NN monitor the loop runs at each evaluation
+    # (pretraining's, train/knn.py); ``gather`` puts fsdp-split parameters together.
+    knn: Callable[..., Any] | None = None
+    # What the data has to say at the end of a run (an image folder: the images skipped as bad).
+    data_info: Callable[[], dict] | None = None
 
     total_steps: int = dataclasses.field(init=False)
     tx: optax.GradientTransformation = dataclasses.field(init=False)
