@@ -98,6 +98,20 @@ class JpegSource:
         return tf.io.decode_jpeg(image, channels=3)
 
 
+def _resize_for_device_rate(jpegs, args) -> float:
+    """Views/s of the tf.data stream that only decodes and resizes to 256 px (the device augments)."""
+    from simclrv2_jax.data import augment
+
+    return _host_rate(
+        jpegs,
+        views=1,
+        preprocess=lambda image, seed: augment.resize(image, 256, 256),
+        image_size=256,
+        batch=args.batch,
+        seconds=args.seconds,
+    )
+
+
 def _host_rate(source, *, views: int, preprocess, image_size: int, batch: int, seconds: float) -> float:
     from simclrv2_jax.data import pipeline
 
@@ -314,14 +328,7 @@ def main() -> None:
         jpegs = JpegSource(_jpegs(args.num_jpegs))
         from simclrv2_jax.data import augment
 
-        rate = _host_rate(
-            jpegs,
-            views=1,
-            preprocess=lambda image, seed: augment.resize(image, 256, 256),
-            image_size=256,
-            batch=args.batch,
-            seconds=args.seconds,
-        )
+        rate = _resize_for_device_rate(jpegs, args)
         rows.append(
             dict(
                 where="tfds_style_stream_resize_for_device",
@@ -406,14 +413,7 @@ def main() -> None:
                 seconds=args.seconds,
             )
             record(case="224", stage=stage, where="host", blur=blur, views_per_s=rate)
-    rate = _host_rate(
-        jpegs,
-        views=1,
-        preprocess=lambda image, seed: augment.resize(image, 256, 256),
-        image_size=256,
-        batch=args.batch,
-        seconds=args.seconds,
-    )
+    rate = _resize_for_device_rate(jpegs, args)
     record(
         case="224",
         stage="any",
