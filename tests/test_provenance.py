@@ -47,52 +47,66 @@ def pipeline_configs(data_dir, workdir, pretrain_steps=2):
 # 1, 6, 10: the pipeline.
 
 
+STAGES = ["pretrain", "finetune", "distill"]
+
+
+@pytest.fixture(scope="module")
+def finished_pipeline(tmp_path_factory, fake_data_dir):
+    """A finished tiny pipeline (pretrain -> finetune -> distill) and its summary; tests work on copies."""
+    workdir = tmp_path_factory.mktemp("provenance") / "pipe"
+    summary = run_pipeline(pipeline_configs(fake_data_dir, workdir), str(workdir), STAGES)
+    return workdir, summary
+
+
 @pytest.mark.slow
-def test_a_stage_whose_input_moved_on_is_trained_again_and_the_old_one_kept(tmp_path, fake_data_dir):
-    workdir = tmp_path / "pipe"
-    stages = ["pretrain", "finetune", "distill"]
-    first = run_pipeline(pipeline_configs(fake_data_dir, workdir), str(workdir), stages)
+def test_a_stage_whose_input_moved_on_is_trained_again_and_the_old_one_kept(
+    tmp_path, fake_data_dir, finished_pipeline
+):
+    original, first = finished_pipeline
     ft = first["stages"]["finetune"]
-    assert ft["init_checkpoint"] == str(workdir / "pretrain") and ft["init_checkpoint_step"] == 2
+    assert ft["init_checkpoint"] == str(original / "pretrain") and ft["init_checkpoint_step"] == 2
     distill = first["stages"]["distill"]
-    assert (
-        distill["teacher_checkpoint"] == str(workdir / "finetune") and distill["teacher_checkpoint_step"] == 2
-    )
-    assert first["trained_now"] == stages
+    assert distill["teacher_checkpoint"] == str(original / "finetune")
+    assert distill["teacher_checkpoint_step"] == 2
+    assert first["trained_now"] == STAGES
+    workdir = tmp_path / "pipe"
+    shutil.copytree(original, workdir)
 
     # Pretraining extended as its own error message advises: 2 -> 3 steps.
     configs = pipeline_configs(fake_data_dir, workdir, pretrain_steps=3)
     configs["pretrain"].resume_changes = "train_steps"
-    second = run_pipeline(configs, str(workdir), stages)
+    second = run_pipeline(configs, str(workdir), STAGES)
     assert second["stages"]["pretrain"]["final_step"] == 3
-    assert second["trained_now"] == stages  # fine-tuning and distillation are stale: trained again
+    assert second["trained_now"] == STAGES  # fine-tuning and distillation are stale: trained again
     assert second["stages"]["finetune"]["init_checkpoint_step"] == 3
     moved = sorted(p.name for p in workdir.iterdir() if ".superseded-" in p.name)
     assert [m.split(".superseded-")[0] for m in moved] == ["distill", "finetune"]  # kept, not deleted
     assert (workdir / moved[1] / "results.json").exists()
 
     # Nothing changed: nothing is trained, and summary.json says this run's time apart from the total.
-    third = run_pipeline(configs, str(workdir), stages)
+    third = run_pipeline(configs, str(workdir), STAGES)
     assert third["trained_now"] == []
     assert third["wall_time_s"] < third["total_wall_time_s"]
 
 
 @pytest.mark.slow
-def test_a_copied_pipeline_reruns_with_another_spelling_of_its_paths(tmp_path, fake_data_dir, monkeypatch):
-    workdir = tmp_path / "pipe"
-    stages = ["pretrain", "finetune", "distill"]
-    run_pipeline(pipeline_configs(fake_data_dir, workdir), str(workdir), stages)
+def test_a_copied_pipeline_reruns_with_another_spelling_of_its_paths(
+    tmp_path, fake_data_dir, monkeypatch, finished_pipeline
+):
     copy = tmp_path / "elsewhere" / "pipe"
-    shutil.copytree(workdir, copy)
+    shutil.copytree(finished_pipeline[0], copy)
+    # Its pretraining finished before runs had records (no run.json, so no id to match by): the paths
+    # are compared relative to the pipeline's folder.
+    (copy / "pretrain" / "run.json").unlink()
     monkeypatch.chdir(tmp_path)
     relative = os.path.join("elsewhere", "pipe")  # spelled relative, not absolute
-    rerun = run_pipeline(pipeline_configs(fake_data_dir, relative), relative, stages)
+    rerun = run_pipeline(pipeline_configs(fake_data_dir, relative), relative, STAGES)
     assert rerun["trained_now"] == []
     # Distillation resumed in the copy (with a longer schedule) reads the copied teacher: no refusal.
     configs = pipeline_configs(fake_data_dir, relative)
     configs["distill"].train_steps = 3
     configs["distill"].resume_changes = "train_steps"
-    longer = run_pipeline(configs, relative, stages)
+    longer = run_pipeline(configs, relative, STAGES)
     assert longer["trained_now"] == ["distill"] and longer["stages"]["distill"]["final_step"] == 3
 
 
@@ -112,10 +126,12 @@ def test_advice_names_the_flag_of_the_command_being_run():
 
 
 @pytest.mark.slow
-def test_a_change_that_would_train_nothing_is_refused_and_the_config_kept(tmp_path, fake_data_dir):
+def test_a_change_that_would_train_nothing_is_refused_and_the_config_kept(
+    tmp_path, fake_data_dir, finished_pipeline
+):
     workdir = str(tmp_path / "run")
-    config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=2)
-    train_stage(config, workdir)
+    shutil.copytree(finished_pipeline[0] / "pretrain", workdir)  # a finished 2-step pretraining
+    config = pipeline_configs(fake_data_dir, tmp_path)["pretrain"]
     before = (tmp_path / "run" / "config.json").read_text()
     changed = config.copy_and_resolve_references()
     changed.temperature = 0.2

@@ -73,12 +73,28 @@ def superseded(stage: str, stage_dir: str, workdir: str) -> list[str]:
         if recorded is None or not os.path.isdir(os.path.join(source_dir, "checkpoints")):
             continue
         now = lineage.describe(source_dir, config_flag(field))
-        if not lineage.same(recorded, now):
+        if not _same_stage_input(recorded, now, source):
             changed.append(
                 f"its {role} was {recorded.get('path')} at step {recorded.get('step')}, now "
                 f"{now['path']} at step {now['step']}"
             )
+        elif recorded != now:  # the same input, spelled otherwise (a copied or moved pipeline)
+            record["inputs"][role] = now
+            lineage.write(stage_dir, record)
     return changed
+
+
+def _same_stage_input(recorded: dict, now: dict, source: str) -> bool:
+    """Whether a stage's recorded input is its earlier stage as it is now. Runs are told apart by
+    their ids; where one side has none (a stage trained before runs had records), the paths are
+    compared relative to the pipeline's folder: the recorded input was this pipeline's ``source``
+    stage, wherever the folder was then."""
+    if lineage.same(recorded, now):
+        return True
+    if recorded.get("run_id") and now.get("run_id"):
+        return False
+    recorded_stage = os.path.basename(os.path.normpath(str(recorded.get("path", ""))))
+    return recorded_stage == source and recorded.get("step") == now.get("step")
 
 
 def set_aside(stage_dir: str) -> str:
