@@ -108,6 +108,67 @@ def run_torch_peer(script: str, batch: int, kinds: list[str]) -> dict:
     return results
 
 
+def step_batch(task, config, batch_size: int) -> dict:
+    """A synthetic global batch as the step takes it: raw uint8 images where the stage augments on
+    the device, else augmented float views, as the host pipeline hands them."""
+    rng = np.random.default_rng(0)
+    views = 2 if config.stage == "pretrain" else 1
+    shape = (batch_size, config.image_size, config.image_size, 3)
+    if task.augment_on_device:
+        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    else:
+        image = rng.uniform(size=(shape[0], views, *shape[1:]) if views > 1 else shape).astype(np.float32)
+    return {
+        "image": image,
+        "label": rng.integers(0, 10, size=batch_size).astype(np.int32),
+        "mask": np.ones(batch_size, np.float32),
+    }
+
+
+def time_step(task, config, mesh, batch: dict, steps: int, peak_tflops: float = 0.0) -> dict:
+    """Compiles ``task.train_step`` as the loop does (state replicated, batch on the data axis, state
+    donated) and times ``steps`` steps after the first: seconds per step, images/s (both views counted
+    in pretraining), model FLOPs (XLA's cost analysis) and MFU where the device's peak is known."""
+    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    state = jax.jit(lambda: task.init_state(0), out_shardings=rep)()
+    batch = jax.device_put(batch, data)
+    step = jax.jit(
+        task.train_step,
+        in_shardings=(rep, data, *task.extra_shardings),
+        out_shardings=(rep, rep),
+        donate_argnums=(0,),
+    )
+    t0 = time.perf_counter()  # tracing, compiling and one step
+    flops = step_flops(step, state, batch, task.extra)
+    state, metrics = step(state, batch, *task.extra)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, *task.extra)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    per_step = statistics.median(times)
+    views = 2 if config.stage == "pretrain" else 1
+    images = len(batch["label"])
+    return {
+        "global_batch": images,
+        "dtype": config.compute_dtype,
+        "image_size": config.image_size,
+        "model": {k: config[k] for k in fields.ARCH_FIELDS},
+        "augment_on_device": task.augment_on_device,
+        "compile_and_first_step_s": compile_s,
+        "step_s_median": per_step,
+        "step_s_min": min(times),
+        "steps_per_s": 1.0 / per_step,
+        "images_per_s": images * views / per_step,
+        "model_flops_per_step": flops,
+        "model_tflops_per_s": flops / per_step / 1e12 if flops else None,
+        "mfu": mfu(flops, per_step, config.compute_dtype, peak_tflops),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", default="pretrain", choices=["pretrain", "finetune"])
@@ -151,57 +212,14 @@ def main() -> None:
         config, mesh, source=synthetic_source(config)
     )
 
-    rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    state = jax.jit(lambda: task.init_state(0), out_shardings=rep)()
-    views = 2 if args.stage == "pretrain" else 1
-    rng = np.random.default_rng(0)
-    shape = (args.batch, config.image_size, config.image_size, 3)
-    if task.augment_on_device:  # the synthetic source's raw uint8 images: the step augments them
-        image = rng.integers(0, 256, size=shape, dtype=np.uint8)
-    else:  # what the host pipeline hands the step: augmented float views
-        image = rng.uniform(size=(shape[0], views, *shape[1:]) if views > 1 else shape).astype(np.float32)
-    batch = {
-        "image": image,
-        "label": rng.integers(0, 10, size=args.batch).astype(np.int32),
-        "mask": np.ones(args.batch, np.float32),
-    }
-    batch = jax.device_put(batch, data)
-    step = jax.jit(
-        task.train_step,
-        in_shardings=(rep, data, *task.extra_shardings),
-        out_shardings=(rep, rep),
-        donate_argnums=(0,),
-    )
-    t0 = time.perf_counter()  # tracing (and, on the CPU, measuring new conv shapes), compiling, one step
-    flops = step_flops(step, state, batch, task.extra)
-    state, metrics = step(state, batch, *task.extra)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch, *task.extra)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    per_step = statistics.median(times)
+    timed = time_step(task, config, mesh, step_batch(task, config, args.batch), args.steps, args.peak_tflops)
     result = {
         "stage": args.stage,
         "preset": args.preset,
-        "global_batch": args.batch,
-        "dtype": args.dtype,
-        "model": {k: config[k] for k in fields.ARCH_FIELDS},
-        "image_size": config.image_size,
+        **timed,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "augment_on_device": task.augment_on_device,
         "finite_state_guard": not args.no_guard,
         "memory_size": args.memory_size,
-        "compile_and_first_step_s": compile_s,
-        "step_s_median": per_step,
-        "step_s_min": min(times),
-        "images_per_s": args.batch * views / per_step,
-        "model_flops_per_step": flops,
-        "model_tflops_per_s": flops / per_step / 1e12 if flops else None,
-        "mfu": mfu(flops, per_step, args.dtype, args.peak_tflops),
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,

@@ -1,7 +1,8 @@
 """Fine-tuning configs: ``--config=configs/finetune.py:imagenet,1pct --config.checkpoint=PRETRAIN_WORKDIR``.
 
-Presets: ``imagenet``, ``cifar10``, ``fashion_mnist`` (default), then optionally a label split
-(``1pct``, ``10pct``, ``100pct``), ``baseline`` and a model preset (``imagenet,10pct,r50_2x_sk1``).
+Presets: ``imagenet``, ``cifar10``, ``fashion_mnist`` (default), ``fashion_mnist_gpu``, then optionally a
+label split (``1pct``, ``10pct``, ``100pct``), ``baseline`` and a model preset
+(``imagenet,10pct,r50_2x_sk1``).
 
 The paper's semi-supervised setting: start from ``ft_proj_selector = 1`` (after the first projection
 layer), zero-initialise the new supervised head, train the backbone and that head (the kept
@@ -62,6 +63,16 @@ def fashion_mnist(c: ml_collections.ConfigDict) -> None:
     c.train_batch_size = 128
     c.label_fraction = 0.01
     c.train_epochs = 30
+
+
+def fashion_mnist_gpu(c: ml_collections.ConfigDict) -> None:
+    """Fine-tuning after ``pretrain.py:fashion_mnist_gpu``: R18-0.5x on 1% of the labels (600 images),
+    1,500 steps at batch 128 (320 epochs of the labeled subset)."""
+    fashion_mnist(c)
+    fields.apply_model_preset(c, "r18_0.5x")
+    c.train_epochs = 320
+    c.log_every_steps = 100
+    c.checkpoint_steps = 2000
 
 
 def pct1(c: ml_collections.ConfigDict) -> None:
@@ -126,6 +137,7 @@ DATASET_PRESETS = {
     "image_folder": image_folder,
     "cifar10": cifar10,
     "fashion_mnist": fashion_mnist,
+    "fashion_mnist_gpu": fashion_mnist_gpu,
 }
 LABEL_PRESETS = {
     "1pct": pct1,
