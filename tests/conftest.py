@@ -11,8 +11,12 @@ import gzip
 import json
 import os
 
-# Must happen before JAX is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before JAX is imported anywhere in the test session (see ``xla_flags``).
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
@@ -21,6 +25,16 @@ import pytest
 import tensorflow as tf
 
 tf.config.set_visible_devices([], "GPU")
+
+# Compiling dominates these tests (tiny models, a few steps): XLA's CPU backend compiles them about
+# a quarter faster without LLVM's optimisation passes, which change how fast the code runs, not what
+# it computes (IEEE arithmetic either way: XLA's CPU fast-math is off). The session and the tests'
+# subprocesses run with these flags and their device count.
+QUICK_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(devices: int) -> str:
+    return f"--xla_force_host_platform_device_count={devices} {QUICK_XLA}"
 
 
 IDX_FILES = {
@@ -57,9 +71,12 @@ TINY_MODEL = {"resnet_depth": 18, "width_multiplier": 0.125, "image_size": 16, "
 
 
 def tiny(config, data_dir, *, train_steps, checkpoint_steps=1000, **overrides):
-    """Makes a stage config tiny: small ResNet-18, 16 px, batch 16, eval batch 40."""
+    """Makes a stage config tiny: small ResNet-18, 16 px, batch 16, eval batch 40; pretraining without
+    its k-NN monitor (compiling it costs more than a tiny run), unless ``knn_monitor=True``."""
     for key, value in TINY_MODEL.items():
         config[key] = value
+    if "knn_monitor" in config:
+        config.knn_monitor = False
     config.data_dir = str(data_dir)
     config.train_batch_size = 16
     config.eval_batch_size = 40
@@ -159,7 +176,7 @@ def subprocess_env(compile_cache):
     return dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        XLA_FLAGS=xla_flags(8),
         JAX_COMPILATION_CACHE_DIR=compile_cache,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -183,7 +200,9 @@ def pretrain_run(tmp_path_factory, fake_data_dir, jax_compile_cache):
     from simclrv2_jax.train import train_stage
 
     workdir = tmp_path_factory.getbasetemp() / "pretrain_uninterrupted"
-    config = tiny(get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=PRETRAIN_STEPS)
+    config = tiny(
+        get_config("pretrain", "fashion_mnist"), fake_data_dir, train_steps=PRETRAIN_STEPS, knn_monitor=True
+    )
     snapshots = {}
 
     def snapshot(step, state):

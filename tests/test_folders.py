@@ -230,6 +230,8 @@ def test_every_stage_and_evaluate_on_folders(tmp_path, tensorflow, jax_compile_c
     args = [f"--workdir={workdir}", "--finetune.examples_per_class=2"]
     args += [f"--pretrain.{k}={v}" for k, v in TINY_MODEL.items()]
     args += [f"--pretrain.data_dir={root}", "--pretrain.dataset=image_folder", "--pretrain.eval_split=test"]
+    # The k-NN monitor on folders is compiled once, in the run without TensorFlow.
+    args += [f"--pretrain.knn_monitor={not tensorflow}"]
     for stage in ("pretrain", "finetune", "distill", "baseline"):
         args += [
             f"--{stage}.train_steps=2",

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import flat, read_checkpoint, read_idx_gz, saved_steps, subprocess_env, tiny
+from conftest import flat, read_checkpoint, read_idx_gz, saved_steps, subprocess_env, tiny, xla_flags
 
 from simclrv2_jax.config import get_config
 from simclrv2_jax.train import train_stage
@@ -40,7 +40,7 @@ def test_two_processes_equal_one_and_read_disjoint_shards(tmp_path, fake_data_di
         out = str(tmp_path / f"process{index}.json")
         env = dict(
             subprocess_env(jax_compile_cache),
-            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            XLA_FLAGS=xla_flags(4),
             # No persistent compilation cache here: with JAX 0.12 two gloo processes that load their
             # step from the cache wait for each other in its first all-reduce for ever (measured: a
             # hang with the suite's warm cache, 88 s to pass with none).

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from absl import flags
-from conftest import subprocess_env
+from conftest import subprocess_env, xla_flags
 from ml_collections import config_flags
 
 from simclrv2_jax import config as config_lib
@@ -524,7 +524,7 @@ def test_command_line_sweep_trains_and_resumes(tmp_path, fake_data_dir, jax_comp
     command += [f"--workdir={root}"] + [f"--config.{k}={v}" for k, v in tiny.items()]
     env = dict(
         subprocess_env(jax_compile_cache),
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla_flags(1),
     )
 
     def run():
