@@ -243,13 +243,13 @@ def test_interrupt_during_the_final_evaluation(tmp_path, fake_data_dir, pretrain
 
     monkeypatch.setattr(loop, "evaluate", evaluate_then_signal)
     with pytest.raises(Interrupted) as stopped:
-        train_stage(config(fake_data_dir), workdir)
+        train_stage(config(fake_data_dir, knn_monitor=True), workdir)  # its evaluation as pretrain_run's
     monkeypatch.setattr(loop, "evaluate", real_evaluate)
     name = signal.Signals(signum).name
     assert f"stopped by {name} during the final evaluation at step {N}" in stopped.value.message
     assert saved_steps(workdir) == [N]  # no training lost
     assert not os.path.exists(os.path.join(workdir, "results.json"))
-    results = resume_and_compare(workdir, fake_data_dir, pretrain_run, [])
+    results = resume_and_compare(workdir, fake_data_dir, pretrain_run, [], knn_monitor=True)
     assert results["steps_this_run"] == 0 and results["eval"] == pretrain_run["results"]["eval"]
 
 
