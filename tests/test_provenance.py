@@ -110,6 +110,20 @@ def test_a_copied_pipeline_reruns_with_another_spelling_of_its_paths(
     assert longer["trained_now"] == ["distill"] and longer["stages"]["distill"]["final_step"] == 3
 
 
+def test_a_finished_run_of_an_earlier_version_is_finished_for_the_pipeline(tmp_path):
+    """A stage trained before fields were added (its config.json lacks them) is skipped, not
+    re-evaluated: the added fields hold their defaults, as when such a run resumes."""
+    config = get_config("pretrain", "fashion_mnist")
+    saved = config_lib.plain(config)
+    for added in ("crop_min_area", "knn_k", "knn_monitor"):
+        del saved[added]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "results.json").write_text(json.dumps({"completed": True, "final_step": 293}))
+    assert workdir_lib.finished_results(tmp_path, config) == {"completed": True, "final_step": 293}
+    config.crop_min_area = 0.2  # not the default the old run stands for: it is another run
+    assert workdir_lib.finished_results(tmp_path, config) is None
+
+
 def test_advice_names_the_flag_of_the_command_being_run():
     config = get_config("distill")
     saved = json.loads(json.dumps(config.to_dict()))

@@ -226,6 +226,10 @@ def finished_results(
         saved = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    try:  # a run of an earlier version: the fields added since hold their defaults (one rule)
+        saved = config_lib.plain(config_lib.from_saved(saved))
+    except ValueError:
+        return None
     now = config_lib.plain(config)
     for field in same_inputs:
         saved.pop(field, None)
