@@ -153,7 +153,26 @@ def four_devices(fake_data_dir):
     return run_steps(pretrain.build, pretrain_config(fake_data_dir), devices=4, views=2)
 
 
-def test_one_device_in_four_microbatches_trains_as_four_devices(fake_data_dir, four_devices):
+@pytest.fixture(params=["loop", "unrolled"])
+def loop_form(request, monkeypatch):
+    """The micro-batch loops as accelerators run them (``lax.scan`` loops), and unrolled as on the
+    CPU backend (``microbatches.UNROLL_ON_CPU``): the same arithmetic either way."""
+    monkeypatch.setattr(microbatches, "UNROLL_ON_CPU", request.param == "unrolled")
+    return request.param
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    monkeypatch.setattr(microbatches, "UNROLL_ON_CPU", False)
+
+
+def test_loop_form_follows_the_backend(monkeypatch):
+    assert microbatches.Microbatches(4, 1).unroll == 4  # the tests run on the CPU backend
+    monkeypatch.setattr(microbatches, "UNROLL_ON_CPU", False)
+    assert microbatches.Microbatches(4, 1).unroll == 1
+
+
+def test_one_device_in_four_microbatches_trains_as_four_devices(fake_data_dir, four_devices, loop_form):
     got = run_steps(pretrain.build, pretrain_config(fake_data_dir, microbatches=4), devices=1, views=2)
     # The guard: the reference moves (the comparison could fail).
     first, last = flat(four_devices[1][0].params), flat(four_devices[1][-1].params)
@@ -161,7 +180,7 @@ def test_one_device_in_four_microbatches_trains_as_four_devices(fake_data_dir, f
     assert_same_training(got, four_devices)
 
 
-def test_fsdp_in_microbatches_trains_as_replicated_devices(fake_data_dir, four_devices):
+def test_fsdp_in_microbatches_trains_as_replicated_devices(fake_data_dir, four_devices, loops):
     """Two devices, fsdp (kernels split), two micro-batches each = four replicated devices."""
     config = pretrain_config(fake_data_dir, microbatches=2, param_sharding="fsdp", fsdp_min_size=256)
     got = run_steps(pretrain.build, config, devices=2, views=2)
@@ -169,7 +188,7 @@ def test_fsdp_in_microbatches_trains_as_replicated_devices(fake_data_dir, four_d
 
 
 @pytest.mark.slow
-def test_scanned_rematerialised_fsdp_blocks_in_microbatches(fake_data_dir):
+def test_scanned_rematerialised_fsdp_blocks_in_microbatches(fake_data_dir, loops):
     """scan_blocks and remat under fsdp, two devices x two micro-batches (weights gathered block by
     block in the loops) = the same model on four replicated devices without micro-batches."""
     model = dict(scan_blocks=True, remat=True)

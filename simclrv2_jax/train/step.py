@@ -114,7 +114,7 @@ def make_train_step(
             def run_memory(variables):
                 forward = microbatches.model_forward(model, variables["batch_stats"], loss_outputs)
                 outs, _, stats = microbatches.run_forward(
-                    forward, variables["params"], parts, model_inputs, extra
+                    forward, variables["params"], parts, model_inputs, extra, micro.unroll
                 )
                 return micro.join(outs), microbatches.mean_update(variables["batch_stats"], stats)
 
