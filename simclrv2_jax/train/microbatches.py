@@ -27,7 +27,8 @@ Either way the BN moving statistics are those ``K x D`` per-device groups give: 
 update starts from the same statistics and the updates are averaged, which, the update being linear
 in the batch statistics, is the single update of the ``K x D`` groups' averaged statistics. The
 weight-decay term and its gradient are added once, not per micro-batch. The parameters are gathered
-once before the loops (fsdp) and their gradient handed back once after them.
+once before the loops (fsdp) and their gradient handed back once after them. The loops are
+``lax.scan`` loops, unrolled on the CPU backend (``UNROLL_ON_CPU``).
 """
 
 from __future__ import annotations
