@@ -5,6 +5,13 @@ devices with ``microbatches=1`` (the plain step, one BN group per device), the e
 out by hand with NumPy indices, and, for resume, the uninterrupted run. With per-device BN one
 device with K micro-batches must train exactly as K devices do (to float rounding: the sums run in
 another order), in the loss, the gradients, the parameters, the BN statistics and the LARS state.
+
+Each step is compared from the same state: step ``i`` of the run in micro-batches starts from the
+reference's state after step ``i - 1``. Left to themselves the two runs part by more than rounding:
+the float32 differences of one step (a few 1e-6 of a leaf's largest value) flip a few ReLUs of the
+next step's batch, and the early layers' gradients of step 3 then differ by up to 4e-3 of their
+largest value (measured on the unrolled form); from the same state they agree to 1e-6. The free
+runs are still compared, at that looser tolerance (``FREE_RTOL``).
 """
 
 import jax
@@ -22,6 +29,7 @@ BATCH = 32
 STEPS = 3
 # float32, sums in another order; LARS normalises each layer's step, so relative errors stay put.
 RTOL, ATOL = 2e-5, 1e-6
+FREE_RTOL = 2e-2  # two runs left to themselves for three steps (see the module docstring)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,56 +103,70 @@ def batches(views: int, steps: int = STEPS, seed: int = 0):
     ]
 
 
-def run_steps(build, config, devices: int, views: int, steps: int = STEPS):
-    """``(metrics per step, state after each step)`` of the stage's step on the first ``devices``."""
+def run_steps(build, config, devices: int, views: int, steps: int = STEPS, start=None, free=False):
+    """``(metrics per step, state after each step)`` of the stage's step on the first ``devices``.
+
+    With ``start`` (another run's result) each step after the first starts from that run's state
+    before it, so that each step is compared from the same state; ``free`` also returns the run left
+    to itself from the initial state: ``(from start, free)``.
+    """
     mesh = parallel.create_mesh(devices)
     task = build(config, mesh)
     task.tx = recording(task.tx)
     layout = parallel.ParamLayout(mesh, config.param_sharding, config.fsdp_min_size)
     abstract = jax.eval_shape(lambda: task.init_state(config.seed))
     sharding = layout.state_shardings(abstract)
-    state = jax.jit(lambda: task.init_state(config.seed), out_shardings=sharding)()
+    initial = jax.jit(lambda: task.init_state(config.seed), out_shardings=sharding)()
     data = parallel.data_sharding(mesh)
     step = jax.jit(
         task.make_train_step(layout),
         in_shardings=(sharding, data),
         out_shardings=(sharding, parallel.replicated(mesh)),
     )
-    metrics, states = [], []
-    for batch in batches(views, steps):
-        state, m = step(state, jax.device_put(batch, data))
-        metrics.append(jax.device_get(m))
-        states.append(jax.tree_util.tree_map(np.asarray, jax.device_get(state)))
-    return metrics, states
+
+    def run(starts):
+        state, metrics, states = initial, [], []
+        for i, batch in enumerate(batches(views, steps)):
+            if starts is not None and i > 0:
+                state = jax.device_put(starts[i - 1], sharding)
+            state, m = step(state, jax.device_put(batch, data))
+            metrics.append(jax.device_get(m))
+            states.append(jax.tree_util.tree_map(np.asarray, jax.device_get(state)))
+        return metrics, states
+
+    if start is None:
+        return run(None)
+    forced = run(start[1])
+    return (forced, run(None)) if free else forced
 
 
-def assert_trees_close(got, want, what):
-    """Each leaf within ``RTOL`` of the reference, measured against the leaf's largest magnitude
+def assert_trees_close(got, want, what, rtol=RTOL):
+    """Each leaf within ``rtol`` of the reference, measured against the leaf's largest magnitude
     (a gradient's small entries carry the rounding of its large ones)."""
     got, want = flat(got), flat(want)
     assert got.keys() == want.keys(), what
     for k, w in want.items():
         w = np.asarray(w, np.float64)
         scale = max(float(np.max(np.abs(w))) if w.size else 0.0, ATOL)
-        np.testing.assert_allclose(got[k], w, rtol=RTOL, atol=RTOL * scale, err_msg=f"{what}{k}")
+        np.testing.assert_allclose(got[k], w, rtol=rtol, atol=rtol * scale, err_msg=f"{what}{k}")
 
 
-def assert_same_training(got, want, check_memory=False):
+def assert_same_training(got, want, check_memory=False, rtol=RTOL):
     (got_metrics, got_states), (want_metrics, want_states) = got, want
     for step, (g, w) in enumerate(zip(got_metrics, want_metrics)):
-        for name in ("loss", "contrast_loss", "sup_loss", "grad_norm", "weight_decay_loss", "sup_loss"):
+        for name in ("loss", "contrast_loss", "sup_loss", "grad_norm", "weight_decay_loss"):
             if name in w:
-                np.testing.assert_allclose(g[name], w[name], rtol=RTOL, err_msg=f"step {step + 1} {name}")
+                np.testing.assert_allclose(g[name], w[name], rtol=rtol, err_msg=f"step {step + 1} {name}")
         assert g["nonfinite"] == 0 and w["nonfinite"] == 0
     for step, (g, w) in enumerate(zip(got_states, want_states)):
         at = f"after step {step + 1}: "
         assert int(g.step) == int(w.step) == step + 1
-        assert_trees_close(g.opt_state[1], w.opt_state[1], at + "gradients")
-        assert_trees_close(g.params, w.params, at + "params")
-        assert_trees_close(g.batch_stats, w.batch_stats, at + "batch_stats")
-        assert_trees_close(g.opt_state[0], w.opt_state[0], at + "LARS state")
+        assert_trees_close(g.opt_state[1], w.opt_state[1], at + "gradients", rtol)
+        assert_trees_close(g.params, w.params, at + "params", rtol)
+        assert_trees_close(g.batch_stats, w.batch_stats, at + "batch_stats", rtol)
+        assert_trees_close(g.opt_state[0], w.opt_state[0], at + "LARS state", rtol)
         if check_memory:
-            assert_trees_close(g.memory, w.memory, at + "memory")
+            assert_trees_close(g.memory, w.memory, at + "memory", rtol)
 
 
 @pytest.fixture(scope="module")
@@ -173,17 +195,19 @@ def test_loop_form_follows_the_backend(monkeypatch):
 
 
 def test_one_device_in_four_microbatches_trains_as_four_devices(fake_data_dir, four_devices, loop_form):
-    got = run_steps(pretrain.build, pretrain_config(fake_data_dir, microbatches=4), devices=1, views=2)
+    config = pretrain_config(fake_data_dir, microbatches=4)
+    got, free = run_steps(pretrain.build, config, devices=1, views=2, start=four_devices, free=True)
     # The guard: the reference moves (the comparison could fail).
     first, last = flat(four_devices[1][0].params), flat(four_devices[1][-1].params)
     assert any(not np.allclose(first[k], last[k]) for k in first)
     assert_same_training(got, four_devices)
+    assert_same_training(free, four_devices, rtol=FREE_RTOL)
 
 
 def test_fsdp_in_microbatches_trains_as_replicated_devices(fake_data_dir, four_devices, loops):
     """Two devices, fsdp (kernels split), two micro-batches each = four replicated devices."""
     config = pretrain_config(fake_data_dir, microbatches=2, param_sharding="fsdp", fsdp_min_size=256)
-    got = run_steps(pretrain.build, config, devices=2, views=2)
+    got = run_steps(pretrain.build, config, devices=2, views=2, start=four_devices)
     assert_same_training(got, four_devices)
 
 
@@ -194,7 +218,7 @@ def test_scanned_rematerialised_fsdp_blocks_in_microbatches(fake_data_dir, loops
     model = dict(scan_blocks=True, remat=True)
     want = run_steps(pretrain.build, pretrain_config(fake_data_dir, **model), devices=4, views=2, steps=2)
     config = pretrain_config(fake_data_dir, microbatches=2, param_sharding="fsdp", fsdp_min_size=256, **model)
-    got = run_steps(pretrain.build, config, devices=2, views=2, steps=2)
+    got = run_steps(pretrain.build, config, devices=2, views=2, steps=2, start=want)
     assert any("_scan" in k for k in flat(got[1][0].params))
     assert_same_training(got, want)
 
@@ -207,7 +231,11 @@ def test_memory_of_negatives_in_microbatches(fake_data_dir):
     config = dict(memory_size=2 * BATCH * 2)  # two steps fill it, the third overwrites
     want = run_steps(pretrain.build, pretrain_config(fake_data_dir, **config), devices=4, views=2)
     got = run_steps(
-        pretrain.build, pretrain_config(fake_data_dir, microbatches=2, **config), devices=2, views=2
+        pretrain.build,
+        pretrain_config(fake_data_dir, microbatches=2, **config),
+        devices=2,
+        views=2,
+        start=want,
     )
     assert int(want[1][-1].memory["queue_filled"]) == 2 * BATCH * 2
     assert_same_training(got, want, check_memory=True)
@@ -230,7 +258,12 @@ def test_finetuning_in_microbatches_accumulates_as_more_devices(fake_data_dir):
     """Per-example loss: the micro-batches' gradients averaged = the gradient on four devices."""
     want = run_steps(finetune.build, finetune_config(fake_data_dir), devices=4, views=1, steps=2)
     got = run_steps(
-        finetune.build, finetune_config(fake_data_dir, microbatches=4), devices=1, views=1, steps=2
+        finetune.build,
+        finetune_config(fake_data_dir, microbatches=4),
+        devices=1,
+        views=1,
+        steps=2,
+        start=want,
     )
     assert_same_training(got, want)
 
