@@ -32,9 +32,11 @@ import time
 MAX_DEVICES = 128
 
 
-def _setup_environment(devices: int) -> None:
+def setup_environment(devices: int) -> None:
+    """XLA flags for compiling to measure memory (before JAX is imported): ``devices`` virtual CPU
+    devices, a fast compile and the memory-minimising scheduler."""
     if "jax" in sys.modules:
-        raise RuntimeError("benchmarks.memory must set XLA_FLAGS before JAX is imported")
+        raise RuntimeError("the memory benchmarks must set XLA_FLAGS before JAX is imported")
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
     # LLVM's optimisation of the CPU code changes no buffer (same bytes for R50 either way), only
     # the compile time, which dominates this benchmark.
@@ -58,6 +60,7 @@ def measure(
     image_size: int,
     remat: bool,
     scan_blocks: bool = False,
+    microbatches: int = 1,
 ):
     import jax
     import numpy as np
@@ -75,6 +78,7 @@ def measure(
     config.param_sharding = layout_name
     config.remat = remat
     config.scan_blocks = scan_blocks
+    config.microbatches = microbatches
     config.lineareval_while_pretraining = True  # as the release pretrains
     mesh = parallel.create_mesh(devices)
     small = config.copy_and_resolve_references()
@@ -118,6 +122,7 @@ def measure(
         "compute_dtype": dtype,
         "remat": remat,
         "scan_blocks": scan_blocks,
+        "microbatches": microbatches,
         "num_params": num_params,
         "params_bytes_per_device": layout.bytes_per_device(params),
         "opt_state_bytes_per_device": layout.bytes_per_device(abstract.opt_state),
@@ -154,7 +159,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device_counts = [int(d) for d in args.devices.split(",")]
-    _setup_environment(max(device_counts))
+    setup_environment(max(device_counts))
 
     from benchmarks.common import cpu_info
 

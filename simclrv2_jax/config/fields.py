@@ -77,6 +77,7 @@ RESUME_OPTIMISATION_FIELDS = (
     "momentum",
     "batch_norm_decay",
     "compute_dtype",
+    "microbatches",  # the same examples, in other BN groups (train/microbatches.py)
     "temperature",
     "alpha",
     "color_jitter_strength",
@@ -192,6 +193,12 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     # weights stacked per group (checkpoints convert between the two layouts on load), and a
     # compile several times faster for the deep models (R101/R152/R200).
     c.scan_blocks = False
+    # Each device's share of the global batch in this many micro-batches, one after another inside
+    # the one step (train/microbatches.py): the memory of one micro-batch for an extra forward pass
+    # in pretraining, whose NT-Xent gradient stays exactly that of the whole global batch; each
+    # micro-batch is its own BN group, so with global_bn=False one device with K micro-batches
+    # trains as K devices with the same global batch. train_batch_size must divide by devices x K.
+    c.microbatches = 1
     # Disjoint shards the training data is read in, each with its own order and augmentation draws;
     # the global batch is their batches one after another. 0: one per process (what a multi-host
     # job needs). The data a run sees depends on this number alone, so a 2-process run's batches are

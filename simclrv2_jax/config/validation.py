@@ -16,6 +16,11 @@ def _fail(field: str, value: Any, why: str) -> None:
     raise ValueError(f"config.{field}={value!r} is invalid: {why}")
 
 
+def largest_divisor_at_most(n: int, k: int) -> int:
+    """The largest divisor of ``n`` that is at most ``k``."""
+    return max(d for d in range(1, max(min(n, k), 1) + 1) if n % d == 0)
+
+
 def resume_change_names(config: ml_collections.ConfigDict) -> list[str]:
     """The field names listed in ``config.resume_changes``."""
     return [n.strip() for n in str(config.get("resume_changes", "")).split(",") if n.strip()]
@@ -55,6 +60,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         positive("fsdp_min_size")
     if "input_shards" in c:
         positive("input_shards", allow_zero=True)
+    if "microbatches" in c:
+        positive("microbatches")
+        if c.train_batch_size > 0 and c.train_batch_size % c.microbatches:
+            fewer = largest_divisor_at_most(c.train_batch_size, c.microbatches)
+            _fail(
+                "microbatches",
+                c.microbatches,
+                f"train_batch_size={c.train_batch_size} does not split into {c.microbatches} equal "
+                "micro-batches (train_batch_size must divide by devices x microbatches); use a divisor "
+                f"of the examples per device, e.g. microbatches={fewer}, "
+                "or a train_batch_size that is a multiple of devices x microbatches.",
+            )
     for field in (
         "train_batch_size",
         "eval_batch_size",

@@ -161,6 +161,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         name="distill",
         config=config,
         model=student,
+        mesh=mesh,
         image_shape=components.image_shape(config, source),
         num_examples=num_unlabeled,
         loss_fn=loss_fn,

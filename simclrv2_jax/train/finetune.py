@@ -71,6 +71,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         name="finetune" if config.checkpoint else "supervised",
         config=config,
         model=model,
+        mesh=mesh,
         image_shape=components.image_shape(config, source),
         num_examples=num_labeled,
         loss_fn=supervised_loss,

@@ -39,7 +39,7 @@ from simclrv2_jax.config import flag
 from simclrv2_jax.config.validation import resume_change_names
 from simclrv2_jax.data.array_pipeline import global_iterator
 from simclrv2_jax.data.folders import BadImageError
-from simclrv2_jax.train import parallel
+from simclrv2_jax.train import microbatches, parallel
 from simclrv2_jax.train.evaluation import EvalInterrupted, eval_totals, mean_metrics
 from simclrv2_jax.train.guard import Guard
 from simclrv2_jax.train.reporting import Outputs, average
@@ -294,6 +294,7 @@ def run(
     config = task.config
     mesh = mesh or parallel.create_mesh()
     parallel.local_batch_size(config.train_batch_size, mesh)
+    microbatches.check_batch(config.train_batch_size, mesh.devices.size, config.get("microbatches", 1))
     if task.eval_data is not None:
         parallel.local_batch_size(config.eval_batch_size, mesh, field="eval_batch_size")
     workdir_lib.prepare(workdir)

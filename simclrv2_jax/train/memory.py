@@ -21,7 +21,9 @@ What one train step does, in this order (MoCo's order):
 4. The step's ``2N`` memory projections enter the queue, oldest out: a ring buffer written at
    ``ptr, ptr + 1, ...`` (mod ``memory_size``) in the loss's row order -- view A of the global
    batch's examples in order, then view B -- so the queue's content is the same whatever the number
-   of devices or processes.
+   of devices or processes. With micro-batches (``config.microbatches``) the memory network runs
+   on one micro-batch at a time, each its own BN group as for the online network, and the whole
+   global batch's keys are put back in that order and enqueued once per step.
 
 The memory network's weights follow the parameters' layout (split under ``param_sharding=fsdp``);
 the queue (``memory_size x proj_out_dim`` float32, 32 MiB at 65,536 x 128) is replicated like the BN
@@ -66,28 +68,31 @@ class MomentumMemory:
         return jnp.arange(self.size) < memory["queue_filled"]
 
     def advance(
-        self, model, memory: dict, params: Any, images: jax.Array, gather=None
+        self, model, memory: dict, params: Any, images: jax.Array | None, gather=None, forward=None
     ) -> tuple[dict, jax.Array]:
         """Steps 1-2: the moved memory network and its keys ``[2N, d]`` for this step's ``images``.
 
         ``params`` are the encoder's parameters in their stored layout (the same layout as
         ``memory["params"]``); ``gather`` makes whole parameters of them for the forward pass.
+        ``forward(variables) -> (outputs, batch_stats)`` runs the memory network instead of
+        ``model`` on ``images`` in training mode (the micro-batched step: one micro-batch at a time,
+        the outputs of the whole global batch and the averaged statistics back).
         """
         m = self.momentum
         ema = jax.tree_util.tree_map(
             lambda e, p: (m * e + (1.0 - m) * p.astype(e.dtype)).astype(e.dtype), memory["params"], params
         )
         whole = gather(ema) if gather is not None else ema
-        outputs, updates = model.apply(
-            {"params": whole, "batch_stats": memory["batch_stats"]},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        variables = {"params": whole, "batch_stats": memory["batch_stats"]}
+        if forward is not None:
+            outputs, batch_stats = forward(variables)
+        else:
+            outputs, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+            batch_stats = updates["batch_stats"]
         keys = jax.lax.stop_gradient(self.keys_of(outputs).astype(jnp.float32))
         if self.hidden_norm:
             keys = losses.l2_normalize(keys)
-        return {**memory, "params": ema, "batch_stats": updates["batch_stats"]}, keys
+        return {**memory, "params": ema, "batch_stats": batch_stats}, keys
 
     def push(self, memory: dict, keys: jax.Array) -> dict:
         """Step 4: ``keys`` into the ring buffer at ``queue_ptr``, in row order, oldest overwritten."""

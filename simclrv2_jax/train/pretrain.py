@@ -8,6 +8,11 @@ views, so that a BN group is what one replica of the release normalises together
 ``lineareval_while_pretraining`` the supervised head learns on
 ``stop_gradient(hiddens[ft_proj_selector])`` of both views with the labels repeated, as in the TF2
 release; its loss is added but cannot reach the encoder.
+
+With ``microbatches = K > 1`` the step runs the model on one micro-batch of each device's share at a
+time and takes NT-Xent and its gradient once, over the whole global batch (``train/microbatches.py``:
+two passes, the second recomputing each micro-batch's forward): the loss sees the projections laid
+out as ``devices x K`` groups, as that many devices would hold them.
 """
 
 from __future__ import annotations
@@ -47,8 +52,13 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         inputs.require_labels(source, config.eval_split, "The linear evaluation while pretraining")
 
     # Per-device BN: each device's rows hold both views of its images (one BN group), as in the
-    # release; the loss gets the views back one after the other.
-    groups = 0 if config.global_bn else int(mesh.devices.size)
+    # release; the loss gets the views back one after the other. With micro-batches
+    # (train/microbatches.py) the rows are laid out so whatever the BN: the step runs the model on
+    # one micro-batch at a time and puts the outputs back device by device, micro-batch by
+    # micro-batch, so that the loss sees them as devices x microbatches groups.
+    microbatches = int(config.get("microbatches", 1))
+    groups = int(mesh.devices.size) if not config.global_bn or microbatches > 1 else 0
+    loss_groups = groups * microbatches
 
     def model_inputs(batch: dict) -> tuple[jax.Array, dict]:
         views = batch["image"]
@@ -58,7 +68,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
 
     def projections(outputs: dict) -> jax.Array:
         """[2N, d]: view A of the global batch's examples in order, then view B (NT-Xent's rows)."""
-        return parallel.part_major(outputs["proj_head_output"], 2, groups)
+        return parallel.part_major(outputs["proj_head_output"], 2, loss_groups)
 
     memory = None
     if config.get("memory_size", 0):
@@ -113,6 +123,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, source: DataSource | No
         augment=data.train_augment(num_views=2, contrastive=True),
         augment_on_device=data.on_device,
         memory=memory,
+        loss_outputs=("proj_head_output", "logits_sup") if lineareval else ("proj_head_output",),
+        mesh=mesh,
         train_data=data.train_data(num_views=2, contrastive=True, split=split),
         data_info=getattr(source, "info", None),
         eval_data=data.eval_data() if lineareval else None,

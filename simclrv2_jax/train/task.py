@@ -52,6 +52,11 @@ class Task:
     eval_preprocess: Callable[[jax.Array], jax.Array] | None = None  # on-device evaluation view
     initialize: Callable[[TrainState, optax.GradientTransformation], TrainState] | None = None
     memory: Any = None  # a train.memory.MomentumMemory: pretraining's memory of negatives
+    # The model outputs a loss over the whole batch reads (pretraining's projections and linear
+    # head): with micro-batches its gradient is then taken exactly in two passes; empty: the loss is
+    # a mean of per-example terms and the micro-batches' gradients are averaged (train/microbatches.py).
+    loss_outputs: tuple[str, ...] = ()
+    mesh: Any = None  # the mesh the stage was built for: micro-batches split each device's share
     extra: tuple = ()
     extra_shardings: tuple = ()
     info: dict = dataclasses.field(default_factory=dict)  # written to results.json (data sizes, ...)
@@ -99,6 +104,8 @@ class Task:
             augment=self.augment,
             layout=layout,
             memory=self.memory,
+            loss_outputs=self.loss_outputs,
+            mesh=self.mesh,
         )
 
     @functools.cached_property
