@@ -19,6 +19,9 @@ Parts, in the order they run (``--parts`` picks some):
   with the ``fashion_mnist_gpu`` presets, end to end (compilation included): test top-1 of both and
   the pretrained k-NN against the raw pixels and the random network.
 * ``finetune_distill``: the fine-tuning and distillation steps of R50-1x in bfloat16, batch 512.
+* ``pretrain_microbatches``: what ``microbatches`` costs: R50-1x bf16 pretraining at batch 256 in one
+  micro-batch against 1,024 in 4 (256 images each, device-augmented), seconds per image and their
+  ratio (the extra forward pass of the exact NT-Xent gradient).
 
 Each part runs in a child process with its own time budget (``PARTS``), shortened where the
 command's ``--budget_s`` has less left; a part cut short keeps what it had measured and says why.
@@ -51,6 +54,7 @@ PARTS: dict[str, int] = {
     "pretrain_r50_2x_sk1": 90,
     "fashion_mnist": 300,
     "finetune_distill": 120,
+    "pretrain_microbatches": 120,
 }
 SMOKE_PART_S = 240  # each part's budget with --smoke, on the CPU
 
@@ -292,6 +296,25 @@ def part_fashion_mnist(s: Settings, args, out: dict, save) -> None:
         labels=summary["labels"],
         pretrain={k: configs["pretrain"][k] for k in ("train_epochs", "train_batch_size", "temperature")},
     )
+
+
+def part_pretrain_microbatches(s: Settings, args, out: dict, save) -> None:
+    from benchmarks.train_step import synthetic_source
+    from simclrv2_jax.train import parallel, pretrain
+
+    mesh = parallel.create_mesh()
+    out["rows"] = []
+    per_micro = s.batches[0]
+    for k in (1, 4):
+        config = _pretrain_config(s, s.model, per_micro * k)
+        config.microbatches = k
+        task = pretrain.build(config, mesh, source=synthetic_source(config))
+        row = {"microbatches": k, **_time(task, config, mesh, s.steps, args.peak_tflops)}
+        row["seconds_per_image"] = row["step_s_median"] / row["global_batch"]
+        out["rows"].append(row)
+        save()
+    plain, micro = (r["seconds_per_image"] for r in out["rows"])
+    out["cost_per_image_ratio"] = micro / plain
 
 
 # ------------------------------------------------------------------------------------------------
