@@ -6,8 +6,10 @@
 For each label fraction it runs pretrain -> fine-tune -> distill and the baselines (the same
 networks trained from scratch on the same labels: the fine-tuned one's, and the smaller student's)
 with the default Fashion-MNIST configs, whose step counts are the compute budget, stated per stage in
-the JSON; distillation's gain is counted against the student's own baseline. The 1% run is exactly the default job and uses
-its workdir (``runs/fashion_mnist_1pct``), so after ``launch/quickstart.sh`` it is not trained again.
+the JSON; distillation's gain is counted against the student's own baseline. The 1% run is
+exactly the default job and uses its workdir (``runs/fashion_mnist_1pct``), so after
+``launch/quickstart.sh`` it is not trained again; run it first (``--fractions=0.01,...``) so that
+the others copy its pretraining.
 Pretraining does not look at labels, so the 10% run reuses that pretraining (copied, then skipped by
 the pipeline as finished). With ten times the labels, its fine-tuning and the baseline run 10 epochs
 instead of 30 (the paper shortens its 10% schedule too), which keeps the run within minutes; with
