@@ -1,6 +1,6 @@
 """Semi-supervised benchmark: the pipeline vs a supervised-only baseline on Fashion-MNIST.
 
-    python -m benchmarks.semi_supervised                    # 0.1%, 1% and 10% labels, default budgets
+    python -m benchmarks.semi_supervised                    # 1%, 0.1% and 10% labels, default budgets
     python -m benchmarks.semi_supervised --fractions=0.01   # one split
 
 For each label fraction it runs pretrain -> fine-tune -> distill and the baselines (the same
@@ -8,8 +8,8 @@ networks trained from scratch on the same labels: the fine-tuned one's, and the 
 with the default Fashion-MNIST configs, whose step counts are the compute budget, stated per stage in
 the JSON; distillation's gain is counted against the student's own baseline. The 1% run is
 exactly the default job and uses its workdir (``runs/fashion_mnist_1pct``), so after
-``launch/quickstart.sh`` it is not trained again; run it first (``--fractions=0.01,...``) so that
-the others copy its pretraining.
+``launch/quickstart.sh`` it is not trained again; it runs first, and the others copy its
+pretraining.
 Pretraining does not look at labels, so the 10% run reuses that pretraining (copied, then skipped by
 the pipeline as finished). With ten times the labels, its fine-tuning and the baseline run 10 epochs
 instead of 30 (the paper shortens its 10% schedule too), which keeps the run within minutes; with
@@ -35,7 +35,7 @@ STAGES = list(PIPELINE_STAGES)
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--fractions", default="0.001,0.01,0.1")
+    parser.add_argument("--fractions", default="0.01,0.001,0.1")
     parser.add_argument("--runs", default="runs", help="fraction f runs in RUNS/fashion_mnist_<100f>pct")
     parser.add_argument("--epochs_10pct", type=float, default=10.0)
     parser.add_argument(
