@@ -8,7 +8,9 @@ Each stage has its own config flag (``--pretrain``, ``--finetune``, ``--distill`
 the usual overrides (``--pretrain.train_steps=500 --finetune.label_fraction=0.1``). The pretraining
 config decides the data set, image size and architecture, which fine-tuning inherits (it must, to load
 the weights); the distillation student keeps its own architecture fields (same size by default =
-self-distillation). Fine-tuning, distillation and the baseline share the labeled subset.
+self-distillation). Fine-tuning, distillation and the baseline share the labeled subset. A student
+of another architecture gets its own baseline (``student_baseline``: the ``--baseline`` recipe on the
+student's network).
 
 The workdir holds one sub-folder per stage. Running the command again resumes: finished stages are
 skipped (their config unchanged), an interrupted one continues from its last checkpoint. At the end,
@@ -66,11 +68,11 @@ def main(argv: list[str]) -> int:
     unknown = [s for s in _STAGES.value if s not in PIPELINE_STAGES]
     if unknown:
         print(
-            f"error: --stages has unknown stage(s) {unknown}; use pretrain, finetune, distill, baseline.",
+            f"error: --stages has unknown stage(s) {unknown}; use {', '.join(PIPELINE_STAGES)}.",
             file=sys.stderr,
         )
         return 2
-    configs = stage_configs(*(config_value(_CONFIGS[name], name) for name in PIPELINE_STAGES), _WORKDIR.value)
+    configs = stage_configs(*(config_value(_CONFIGS[name], name) for name in _CONFIG_FLAGS), _WORKDIR.value)
     code, summary = run_reporting_user_errors(run_pipeline, configs, _WORKDIR.value, _STAGES.value)
     if code:
         return code
@@ -79,6 +81,13 @@ def main(argv: list[str]) -> int:
         for stage, acc in summary["test_top1"].items()
         if acc is not None
     ]
+    top1 = summary["test_top1"]
+    if top1.get("student_baseline") is not None and top1.get("distill") is not None:
+        gain = 100 * (top1["distill"] - top1["student_baseline"])
+        lines.append(
+            f"  distilled into the smaller student: {gain:+.2f} points over the same network trained "
+            "on the labels alone"
+        )
     if "knn_top1" in summary:
         knn = summary["knn_top1"]
         lines.append(

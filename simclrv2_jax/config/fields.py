@@ -108,6 +108,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "r18_1x": dict(resnet_depth=18, block_counts=(), width_multiplier=1.0, sk_ratio=0.0),
     "r18_0.5x": dict(resnet_depth=18, block_counts=(), width_multiplier=0.5, sk_ratio=0.0),
     "r18_0.25x": dict(resnet_depth=18, block_counts=(), width_multiplier=0.25, sk_ratio=0.0),
+    "r18_0.125x": dict(resnet_depth=18, block_counts=(), width_multiplier=0.125, sk_ratio=0.0),
     "r34_1x": dict(resnet_depth=34, block_counts=(), width_multiplier=1.0, sk_ratio=0.0),
 }
 

@@ -33,6 +33,7 @@ def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path:
         "finetune": "train/sup_loss",
         "distill": "train/distill_loss",
         "baseline": "train/sup_loss",
+        "student_baseline": "train/sup_loss",
     }
     fig = Figure(figsize=(4.2 * (len(stages) + 1), 3.6))
     axes = fig.subplots(1, len(stages) + 1)
@@ -55,13 +56,21 @@ def plot_summary(workdir: str, stages: list[str], summary: dict[str, Any], path:
         "finetune": "fine-tuned",
         "distill": "distilled",
         "baseline": "supervised\nonly",
+        "student_baseline": "student net,\nsupervised only",
+    }
+    colors = {
+        "pretrain": "tab:gray",
+        "finetune": "tab:green",
+        "distill": "tab:purple",
+        "baseline": "tab:red",
+        "student_baseline": "tab:pink",
     }
     names = [s for s in stages if summary["stages"][s].get("eval", {}).get("top1") is not None]
     values = [100 * summary["stages"][s]["eval"]["top1"] for s in names]
     bars = ax.bar(
         [labels[s] for s in names],
         values,
-        color=["tab:gray", "tab:green", "tab:purple", "tab:red"][: len(names)],
+        color=[colors[s] for s in names],
     )
     for bar, value in zip(bars, values):
         ax.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom")

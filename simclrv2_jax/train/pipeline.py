@@ -1,9 +1,11 @@
-"""The whole method as one pipeline: pretrain -> fine-tune -> distill, plus a supervised-only baseline.
+"""The whole method as one pipeline: pretrain -> fine-tune -> distill, plus supervised-only baselines.
 
 ``stage_configs`` wires four stage configs together: the pretraining config decides the data set,
 image size and architecture, which fine-tuning and the baseline inherit (they must, to load the
 weights); the distillation student keeps its own architecture fields unless it starts from the
-teacher; fine-tuning, distillation and the baseline share the labeled subset. ``run_pipeline``
+teacher; fine-tuning, distillation and the baseline share the labeled subset. A student of another
+architecture than the teacher's gets its own baseline, ``student_baseline``: the baseline's recipe
+on the student's network, which is what distillation into it has to beat. ``run_pipeline``
 trains them in ``WORKDIR/<stage>``, skipping the stages that already finished with the same config,
 and writes ``summary.json`` and ``summary.png`` (see ``evaluation.plots``). The command is
 ``python -m simclrv2_jax.run_all``.
@@ -25,7 +27,7 @@ from simclrv2_jax.config import command_flag
 from simclrv2_jax.config import flag as config_flag
 from simclrv2_jax.config.fields import ARCH_FIELDS, LABEL_FIELDS, SHARED_DATA_FIELDS
 
-PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline")
+PIPELINE_STAGES = ("pretrain", "finetune", "distill", "baseline", "student_baseline")
 
 
 def stage_configs(
@@ -50,6 +52,11 @@ def stage_configs(
     configs["finetune"].checkpoint = os.path.join(workdir, "pretrain")
     configs["distill"].teacher_checkpoint = os.path.join(workdir, "finetune")
     configs["baseline"].checkpoint = ""
+    if any(configs["distill"][f] != configs["finetune"][f] for f in ARCH_FIELDS):
+        student = configs["baseline"].copy_and_resolve_references()
+        for field in ARCH_FIELDS:
+            student[field] = configs["distill"][field]
+        configs["student_baseline"] = student
     return configs
 
 
@@ -129,7 +136,7 @@ def run_stage(stage: str, config: ConfigDict, workdir: str) -> tuple[dict[str, A
         return done, False
     logging.info("pipeline: running %s in %s", stage, stage_dir)
     t0 = time.time()
-    with command_flag(stage):
+    with command_flag("baseline" if stage == "student_baseline" else stage):  # its --baseline.* flags
         results = train_stage(config, stage_dir)
     results.pop("state", None)
     results["stage_wall_time_s"] = time.time() - t0
@@ -168,6 +175,9 @@ def run_pipeline(configs: dict[str, ConfigDict], workdir: str, stages: list[str]
     os.makedirs(workdir, exist_ok=True)
     summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "stages": {}, "trained_now": []}
     for stage in stages:
+        if stage not in configs:  # student_baseline of a student with the teacher's architecture
+            logging.info("pipeline: %s not needed (the student has the teacher's architecture).", stage)
+            continue
         results, trained = run_stage(stage, configs[stage], workdir)
         summary["stages"][stage] = results
         if trained:
