@@ -68,15 +68,22 @@ def write_fake_fashion_mnist(directory, n_train=200, n_test=40, size=28, seed=0)
 
 
 TINY_MODEL = {"resnet_depth": 18, "width_multiplier": 0.125, "image_size": 16, "proj_out_dim": 16}
+# Pretraining of the tiny model at a fixed, moderate setting, whatever the default job's preset says:
+# the tests compare runs across layouts, device counts and processes, and the rounding differences
+# between them grow step by step faster at a larger learning rate or a lower temperature.
+TINY_PRETRAIN = {"learning_rate": 1.0, "temperature": 0.5, "crop_min_area": 0.08}
 
 
 def tiny(config, data_dir, *, train_steps, checkpoint_steps=1000, **overrides):
-    """Makes a stage config tiny: small ResNet-18, 16 px, batch 16, eval batch 40; pretraining without
-    its k-NN monitor (compiling it costs more than a tiny run), unless ``knn_monitor=True``."""
+    """Makes a stage config tiny: small ResNet-18, 16 px, batch 16, eval batch 40; pretraining at
+    ``TINY_PRETRAIN`` and without its k-NN monitor (compiling it costs more than a tiny run), unless
+    ``knn_monitor=True``."""
     for key, value in TINY_MODEL.items():
         config[key] = value
-    if "knn_monitor" in config:
+    if "knn_monitor" in config:  # a pretraining config
         config.knn_monitor = False
+        for key, value in TINY_PRETRAIN.items():
+            config[key] = value
     config.data_dir = str(data_dir)
     config.train_batch_size = 16
     config.eval_batch_size = 40

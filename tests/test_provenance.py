@@ -120,7 +120,7 @@ def test_a_finished_run_of_an_earlier_version_is_finished_for_the_pipeline(tmp_p
     (tmp_path / "config.json").write_text(json.dumps(saved))
     (tmp_path / "results.json").write_text(json.dumps({"completed": True, "final_step": 293}))
     assert workdir_lib.finished_results(tmp_path, config) == {"completed": True, "final_step": 293}
-    config.crop_min_area = 0.2  # not the default the old run stands for: it is another run
+    config.crop_min_area = 0.5  # not the default the old run stands for: it is another run
     assert workdir_lib.finished_results(tmp_path, config) is None
 
 
