@@ -59,6 +59,9 @@ def main() -> None:
         ft.label_fraction = fraction
         if fraction > 0.01:
             ft.train_epochs = base.train_epochs = args.epochs_10pct
+            # The baseline's warmup stays a sixth of its run at most (its preset: 5 of 30 epochs),
+            # so that a shorter run is still mostly trained at the full learning rate.
+            base.warmup_epochs = min(base.warmup_epochs, base.train_epochs / 6)
         elif fraction < 0.01:  # the 1% run's steps
             ft.train_epochs = base.train_epochs = ft.train_epochs * 0.01 / fraction
         configs = stage_configs(
