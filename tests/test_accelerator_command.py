@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env, xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Subprocesses of the command: left out of the fast loop (launch/test.sh --fast).
+pytestmark = pytest.mark.slow
 
 
 def run_command(tmp_path, compile_cache, *args, timeout=600):

@@ -225,6 +225,7 @@ def test_first_step_is_the_memory_free_step(memory_run, pretrain_run):
     assert any(not np.allclose(later[k], free[k], rtol=1e-4) for k in free)
 
 
+@pytest.mark.slow
 def test_queue_pointers_and_moving_average_in_a_run(memory_run):
     snapshots = memory_run["snapshots"]
     for step in range(1, N + 1):
